@@ -1,0 +1,38 @@
+"""aggc_optax: Adaptive Group Gradient Clipping (AGGC) for optax.
+
+Li, Wu, Chang, "AGGC: Adaptive Group Gradient Clipping for Stabilizing Large
+Language Model Training", Findings of ACL 2026 (arXiv 2601.11864).
+"""
+
+from aggc_optax._aggc import AGGCState, aggc
+from aggc_optax._labels import (
+    REFERENCE_TOKENS,
+    GroupLayout,
+    describe_groups,
+    lora_label,
+    path_name,
+    reference_label,
+    regex_labeler,
+)
+from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
+from aggc_optax._schedule import linear_bounds_schedule
+from aggc_optax._stats import find_aggc_states, group_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AGGCState",
+    "GroupLayout",
+    "REFERENCE_DEFAULTS",
+    "REFERENCE_TOKENS",
+    "aggc",
+    "describe_groups",
+    "find_aggc_states",
+    "from_reference_options",
+    "group_stats",
+    "linear_bounds_schedule",
+    "lora_label",
+    "path_name",
+    "reference_label",
+    "regex_labeler",
+]

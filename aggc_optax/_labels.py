@@ -1,0 +1,378 @@
+"""Group labels: which AGGC group each leaf of a parameter tree belongs to.
+
+The reference clipper labels a parameter from its dotted PyTorch name. Here a
+leaf's name is built from its pytree path, so the same rule applies to nested
+dicts, flat ``{"model.layers.0...": w}`` dicts, Flax Linen ``{"params": ...}``
+trees and Flax NNX states alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import numpy as np
+
+# Spec section 2, rule 1: ordered; the first token of this list that matches wins.
+REFERENCE_TOKENS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "down_proj",
+    "up_proj",
+    "c_attn",
+    "c_proj",
+    "w1",
+    "w2",
+    "w3",
+    "lm_head",
+    "embed_tokens",
+)
+
+Labeler = Callable[..., Union[str, None]]
+ParamLabels = Union[
+    None,
+    Labeler,
+    Sequence[tuple[str, Union[str, None]]],
+    Any,  # a pytree of labels matching the parameters
+]
+
+
+def _known_token(name: str) -> str | None:
+    for token in REFERENCE_TOKENS:
+        if (
+            f".{token}." in name
+            or name.endswith(f".{token}.weight")
+            or name.endswith(f".{token}.bias")
+        ):
+            return token
+    return None
+
+
+def reference_label(name: str) -> str | None:
+    """The reference clipper's group label for a dotted parameter name.
+
+    Rule 1: the first token of :data:`REFERENCE_TOKENS` (in list order, not in
+    name order) that occurs as ``".token."`` in the name, or ends it as
+    ``".token.weight"`` / ``".token.bias"``. Rule 2: otherwise the
+    second-to-last dotted token, unless it is all digits or exactly ``layers``.
+    A name without a dot has no label.
+
+    Args:
+      name: a dotted parameter name such as ``model.layers.0.self_attn.q_proj.weight``.
+
+    Returns:
+      The label, or ``None`` when the parameter belongs to no group.
+
+    Example:
+      >>> reference_label("model.layers.3.self_attn.q_proj.weight")
+      'q_proj'
+      >>> reference_label("lm_head.weight")
+      'lm_head'
+      >>> reference_label("model.layers.0.residual_gate") is None
+      True
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"reference_label: name must be a str, got {type(name).__name__}")
+    token = _known_token(name)
+    if token is not None:
+        return token
+    parts = name.split(".")
+    if len(parts) < 2:
+        return None
+    candidate = parts[-2]
+    if candidate.isdigit() or candidate == "layers":
+        return None
+    return candidate
+
+
+def lora_label(name: str) -> str | None:
+    """The LoRA script's label rule (spec section 10).
+
+    Only names containing ``lora_`` get a label: the dotted token just before
+    ``lora_A`` or ``lora_B``, else the first known projection token found as in
+    :func:`reference_label`'s rule 1. Everything else (base weights, norms,
+    embeddings) is left out of every group, so it is neither counted nor clipped.
+
+    Example:
+      >>> lora_label("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+      'q_proj'
+      >>> lora_label("model.layers.0.self_attn.q_proj.weight") is None
+      True
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"lora_label: name must be a str, got {type(name).__name__}")
+    if "lora_" not in name:
+        return None
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in ("lora_A", "lora_B") and i > 0:
+            return parts[i - 1]
+    return _known_token(name)
+
+
+def regex_labeler(
+    rules: Sequence[tuple[str, str | None]],
+    default: Labeler | None = None,
+) -> Callable[[str], str | None]:
+    """A labeler from an ordered list of ``(pattern, label)`` rules.
+
+    The first pattern that :func:`re.search` finds in the dotted name decides;
+    its label may use the match's groups (``r"\\1"``), and a label of ``None``
+    leaves the leaf out. Names no rule matches get ``default(name)`` (``None``
+    when no default is given).
+
+    Example:
+      >>> label = regex_labeler([(r"\\.(q|k|v)_proj\\.", "qkv"), (r"norm", None)])
+      >>> label("model.layers.0.self_attn.k_proj.weight")
+      'qkv'
+    """
+    compiled = []
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, tuple) and len(rule) == 2):
+            raise TypeError(
+                f"param_labels rule {i} must be a (pattern, label) tuple, got {rule!r}"
+            )
+        pattern, label = rule
+        if not isinstance(pattern, str) or not (label is None or isinstance(label, str)):
+            raise TypeError(
+                f"param_labels rule {i} must be (str pattern, str or None label), got {rule!r}"
+            )
+        try:
+            compiled.append((re.compile(pattern), label))
+        except re.error as err:
+            raise ValueError(f"param_labels rule {i}: invalid pattern {pattern!r}: {err}") from err
+
+    def label_fn(name: str) -> str | None:
+        for regex, label in compiled:
+            match = regex.search(name)
+            if match:
+                return None if label is None else match.expand(label)
+        return default(name) if default is not None else None
+
+    return label_fn
+
+
+def _key_str(key: Any) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """The dotted name of a pytree key path.
+
+    Dict keys, sequence indices, attribute names and flattened-index keys all
+    become their string. A trailing ``.value`` attribute is dropped: it is how
+    Flax NNX ``Variable`` and Linen ``Partitioned`` boxes expose their array, and
+    it is not part of the parameter's name.
+
+    Example:
+      >>> path_name((jax.tree_util.DictKey("model"), jax.tree_util.SequenceKey(0)))
+      'model.0'
+    """
+    keys = list(path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return ".".join(_key_str(k) for k in keys)
+
+
+def _labeler_arity(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return 2
+    return 1 if len(positional) <= 1 else 2
+
+
+def _is_rule_list(obj: Any) -> bool:
+    return (
+        isinstance(obj, (list, tuple))
+        and len(obj) > 0
+        and all(isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) for r in obj)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+    """Static description of how a tree's leaves map to AGGC groups.
+
+    Attributes:
+      labels: group labels in order of first appearance in the flattened tree.
+      leaf_names: dotted name of every leaf, in flattening order.
+      leaf_groups: per leaf, the index into ``labels``, or -1 for a leaf in no group.
+    """
+
+    labels: tuple[str, ...]
+    leaf_names: tuple[str, ...]
+    leaf_groups: tuple[int, ...]
+
+    def __hash__(self) -> int:  # cached: jit hashes this on every call
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.labels, self.leaf_names, self.leaf_groups))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, GroupLayout):
+            return NotImplemented
+        return (self.labels, self.leaf_names, self.leaf_groups) == (
+            other.labels,
+            other.leaf_names,
+            other.leaf_groups,
+        )
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.labels)
+
+
+jax.tree_util.register_static(GroupLayout)
+
+
+def _check_label(value: Any, name: str, source: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(
+        f"param_labels: the {source} returned {value!r} ({type(value).__name__}) for "
+        f"leaf {name!r}; a label must be a str or None"
+    )
+
+
+def _labels_from_tree(labels_tree: Any, names: list[str]) -> list[str | None]:
+    def is_label_leaf(x: Any) -> bool:
+        return x is None or isinstance(x, str)
+
+    flat = jax.tree_util.tree_flatten_with_path(labels_tree, is_leaf=is_label_leaf)[0]
+    label_names = [path_name(p) for p, _ in flat]
+    if label_names != names:
+        for i, (a, b) in enumerate(zip(names, label_names)):
+            if a != b:
+                raise ValueError(
+                    f"param_labels: the label tree does not match the parameters: leaf {i} "
+                    f"is {a!r} in the parameters but {b!r} in param_labels"
+                )
+        longer, what = (names, "parameters") if len(names) > len(label_names) else (
+            label_names,
+            "param_labels",
+        )
+        first = longer[min(len(names), len(label_names))]
+        raise ValueError(
+            "param_labels: the label tree does not match the parameters: "
+            f"{len(names)} parameter leaves but {len(label_names)} labels; the first "
+            f"unmatched path is {first!r} (only in the {what})"
+        )
+    return [_check_label(v, n, "label tree") for (_, v), n in zip(flat, names)]
+
+
+def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str], list[str | None]]:
+    """Dotted names and group labels of every leaf of ``params``.
+
+    Args:
+      params: a pytree of arrays (or of anything with a shape: only paths and,
+        for a callable labeler, the leaves themselves are looked at).
+      param_labels: ``None`` (the reference rule on each dotted name), a
+        callable ``fn(name)`` or ``fn(name, leaf)`` returning a str or None, a
+        list of ``(regex, label)`` rules (see :func:`regex_labeler`), or a pytree
+        of str/None labels with the structure of ``params``.
+
+    Returns:
+      ``(names, labels)``, both in ``jax.tree_util`` flattening order.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = [path_name(p) for p, _ in flat]
+    if param_labels is None:
+        return names, [reference_label(n) for n in names]
+    if _is_rule_list(param_labels):
+        fn = regex_labeler(param_labels)
+        return names, [_check_label(fn(n), n, "rule list") for n in names]
+    if callable(param_labels) and not isinstance(param_labels, Mapping):
+        arity = _labeler_arity(param_labels)
+        out = []
+        for n, (_, leaf) in zip(names, flat):
+            value = param_labels(n) if arity == 1 else param_labels(n, leaf)
+            out.append(_check_label(value, n, "labeler"))
+        return names, out
+    return names, _labels_from_tree(param_labels, names)
+
+
+def build_layout(params: Any, param_labels: ParamLabels = None) -> GroupLayout:
+    """Resolve labels and fix the group order (first appearance in the tree)."""
+    names, labels = leaf_labels(params, param_labels)
+    order: dict[str, int] = {}
+    groups = []
+    for label in labels:
+        if label is None:
+            groups.append(-1)
+            continue
+        if label not in order:
+            order[label] = len(order)
+        groups.append(order[label])
+    return GroupLayout(tuple(order), tuple(names), tuple(groups))
+
+
+def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, Any]:
+    """How AGGC will group ``params``: each group's leaves and sizes, and the leaves left out.
+
+    Call this before training to check the labels.
+
+    Returns:
+      A dict with ``"groups"`` (label -> ``{"leaves": [names], "num_params": int}``,
+      in group order) and ``"unlabelled"`` (names of leaves in no group, which
+      AGGC passes through untouched).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tree = {"model": {"layers": {"0": {"q_proj": {"weight": jnp.ones((4, 4))}}},
+      ...                   "scale": jnp.ones(())}}
+      >>> info = describe_groups(tree)
+      >>> info["groups"]["q_proj"]["num_params"], info["unlabelled"]
+      (16, ['model.scale'])
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    names, labels = leaf_labels(params, param_labels)
+    groups: dict[str, dict[str, Any]] = {}
+    unlabelled = []
+    for name, label, (_, leaf) in zip(names, labels, flat):
+        if label is None:
+            unlabelled.append(name)
+            continue
+        entry = groups.setdefault(label, {"leaves": [], "num_params": 0})
+        entry["leaves"].append(name)
+        entry["num_params"] += int(np.prod(np.shape(leaf), dtype=np.int64))
+    return {"groups": groups, "unlabelled": unlabelled}
+
+
+__all__ = [
+    "GroupLayout",
+    "REFERENCE_TOKENS",
+    "build_layout",
+    "describe_groups",
+    "leaf_labels",
+    "lora_label",
+    "path_name",
+    "reference_label",
+    "regex_labeler",
+]

@@ -1,0 +1,165 @@
+"""Build the transformation from the PyTorch reference's option dict."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import optax
+
+from aggc_optax import _aggc, _validation
+from aggc_optax._labels import ParamLabels
+from aggc_optax._schedule import linear_bounds_schedule
+
+#: The reference's options and their defaults (spec section 1).
+REFERENCE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "enable": False,
+        "auto_bounds": False,
+        "min_norm": 0.0,
+        "max_norm": 1.0,
+        "norm_type": 2.0,
+        "low_mult": 1.0,
+        "high_mult": 1.0,
+        "raise_small": False,
+        "ema_beta": 0.98,
+        "sync_dist": False,
+        "bounds_schedule": "none",
+        "low_mult_late": 0.0,
+        "high_mult_late": 0.0,
+        "bounds_switch_ratio": 0.5,
+        "bounds_transition_ratio": 0.2,
+        "max_up_scale": 0.0,
+        "max_down_scale": 0.0,
+        "output_dir": None,
+        "keep_global_clip": False,
+    }
+)
+
+_BOOL_OPTIONS = ("enable", "auto_bounds", "raise_small", "sync_dist", "keep_global_clip")
+
+
+def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"options must be a mapping of the reference's option names, got {type(options).__name__}"
+        )
+    unknown = [k for k in options if k not in REFERENCE_DEFAULTS]
+    if unknown:
+        raise ValueError(
+            f"from_reference_options: unknown option {unknown[0]!r}; the reference's options "
+            f"are {sorted(REFERENCE_DEFAULTS)}"
+        )
+    merged = {**REFERENCE_DEFAULTS, **options}
+    for key in _BOOL_OPTIONS:
+        _validation.check_bool(key, merged[key])
+    if not isinstance(merged["bounds_schedule"], str):
+        raise TypeError(
+            f"bounds_schedule must be a str ('linear' or anything else for none), got "
+            f"{merged['bounds_schedule']!r}"
+        )
+    output_dir = merged["output_dir"]
+    if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"output_dir must be a path or None, got {output_dir!r}")
+    _validation.check_number("norm_type", merged["norm_type"])
+    for key in ("low_mult_late", "high_mult_late"):
+        _validation.check_number(key, merged[key])
+    for key in ("bounds_switch_ratio", "bounds_transition_ratio"):
+        _validation.check_number(key, merged[key], minimum=0.0, maximum=1.0)
+    return merged
+
+
+def from_reference_options(
+    options: Mapping[str, Any],
+    *,
+    total_steps: int | None = None,
+    param_labels: ParamLabels = None,
+    axis_name: Any = None,
+) -> optax.GradientTransformation:
+    """The transformation that behaves exactly like the reference clipper.
+
+    Takes the option dict of the authors' ``PerModuleGradNormOptions`` (missing
+    keys take the reference's defaults, an unknown key is a ``ValueError``) and
+    returns :func:`aggc` configured to reproduce it: the reference's labels,
+    ``nonfinite="reference"`` (spec 8.3, Python's ``max(0.0, nan) == 0.0``
+    included), caps whose out-of-range values invert their meaning accepted as
+    the reference accepts them, and, where no leaf gets a label, a pass-through
+    (the reference disables itself) with a warning.
+
+    Options with no counterpart:
+
+    * ``enable=False`` (the reference's default) gives ``optax.identity()``:
+      gradients untouched, no state.
+    * ``norm_type`` has no effect, as in the reference: the norm is always L2.
+    * ``sync_dist``: under ``jax.jit`` with sharded arrays the group norms are
+      already the true global norms, which is what ``sync_dist`` gives for
+      replicated (DDP) gradients. With ``axis_name`` (inside ``shard_map`` or
+      ``pmap``), ``sync_dist=True`` averages the sums of squares over that axis
+      as the reference does (for sharded gradients that is the true norm
+      divided by sqrt(world size), spec 8.7), ``sync_dist=False`` sums them.
+    * ``output_dir``: ignored; write the same CSV with
+      ``aggc_optax.CSVLogger`` from :func:`group_stats`.
+    * ``keep_global_clip``: ignored; chain ``optax.clip_by_global_norm`` after
+      this transformation yourself if the recipe keeps the global clip.
+
+    Args:
+      options: the reference's options (spec section 1 field names).
+      total_steps: what the reference's ``on_train_begin`` would receive; ``None``
+        or 0 means the ``linear`` schedule stays inert, as in the verl trainer.
+      param_labels: override the reference's label rule (e.g.
+        ``aggc_optax.lora_label`` for the LoRA script's copy, spec section 10).
+      axis_name: see ``sync_dist`` above.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import aggc_optax
+      >>> tx = aggc_optax.from_reference_options(
+      ...     {"enable": True, "auto_bounds": True, "ema_beta": 0.95, "low_mult": 0.95,
+      ...      "high_mult": 0.6, "min_norm": 0.01, "bounds_schedule": "linear",
+      ...      "low_mult_late": 0.98, "high_mult_late": 0.7, "bounds_switch_ratio": 0.4,
+      ...      "bounds_transition_ratio": 0.3, "max_up_scale": 1.1, "max_down_scale": 0.9},
+      ...     total_steps=1000)
+    """
+    opts = _check_options(options)
+    total_steps = _validation.check_total_steps(total_steps)
+    if not opts["enable"]:
+        return optax.identity()
+
+    low, high = opts["low_mult"], opts["high_mult"]
+    if opts["bounds_schedule"] == "linear" and total_steps:
+        ramp = {
+            "total_steps": total_steps,
+            "switch_ratio": opts["bounds_switch_ratio"],
+            "transition_ratio": opts["bounds_transition_ratio"],
+        }
+        low = linear_bounds_schedule(low, opts["low_mult_late"], **ramp)
+        high = linear_bounds_schedule(high, opts["high_mult_late"], **ramp)
+
+    config = _aggc._make_config(
+        hyper={
+            "ema_beta": opts["ema_beta"],
+            "low_mult": low,
+            "high_mult": high,
+            "min_norm": opts["min_norm"],
+            "max_norm": opts["max_norm"],
+            "max_up_scale": opts["max_up_scale"],
+            "max_down_scale": opts["max_down_scale"],
+            "raise_small": opts["raise_small"],
+        },
+        auto_bounds=opts["auto_bounds"],
+        param_labels=param_labels,
+        nonfinite="reference",
+        variant="reference",
+        ema_init="zero",
+        bias_correction=False,
+        group_hyperparams=None,
+        axis_name=axis_name,
+        axis_reduction="mean" if opts["sync_dist"] else "sum",
+        reference_caps=True,
+        on_no_groups="disable",
+    )
+    return _aggc._build(config)
