@@ -21,10 +21,10 @@ from aggc_optax._stats import find_aggc_states, group_stats
 __version__ = "0.1.0"
 
 __all__ = [
-    "AGGCState",
-    "GroupLayout",
     "REFERENCE_DEFAULTS",
     "REFERENCE_TOKENS",
+    "AGGCState",
+    "GroupLayout",
     "aggc",
     "describe_groups",
     "find_aggc_states",

@@ -112,9 +112,7 @@ def _check_leaf_dtype(name: str, leaf: Any) -> None:
         )
 
 
-def _group_values(
-    config: _Config, layout: GroupLayout, field: str, count: jax.Array
-) -> Any:
+def _group_values(config: _Config, layout: GroupLayout, field: str, count: jax.Array) -> Any:
     """A hyperparameter's value at step ``count``: a scalar, or a ``[G]`` vector."""
 
     def evaluate(value: Any) -> Any:
@@ -268,9 +266,7 @@ def _build(config: _Config) -> optax.GradientTransformation:
             sums = reduce(sums, config.axis_name)
         norm = jnp.sqrt(sums + NORM_FLOOR)
 
-        scale, lower, upper, ema, ema_count, down, raised = _group_step(
-            config, layout, norm, state
-        )
+        scale, lower, upper, ema, ema_count, down, raised = _group_step(config, layout, norm, state)
 
         new_leaves = []
         for group, leaf in zip(layout.leaf_groups, leaves):
@@ -371,8 +367,10 @@ def _checkers(reference_caps: bool) -> dict[str, Callable[[str, Any], Any]]:
         )
 
     def boolean(name: str, v: Any) -> Any:
-        return v if _validation.is_traced(v) or isinstance(v, jax.Array) else (
-            _validation.check_bool(name, v)
+        return (
+            v
+            if _validation.is_traced(v) or isinstance(v, jax.Array)
+            else (_validation.check_bool(name, v))
         )
 
     return {
@@ -438,8 +436,10 @@ def _check_param_labels(param_labels: ParamLabels) -> None:
             "param_labels must be None, a callable labeler, a list of (regex, label) rules "
             f"or a pytree of labels; got the string {param_labels!r}"
         )
-    if isinstance(param_labels, (list, tuple)) and param_labels and all(
-        isinstance(r, tuple) for r in param_labels
+    if (
+        isinstance(param_labels, (list, tuple))
+        and param_labels
+        and all(isinstance(r, tuple) for r in param_labels)
     ):
         _labels.regex_labeler(param_labels)  # validates the rules now, not at init
 

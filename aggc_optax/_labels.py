@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,13 +35,10 @@ REFERENCE_TOKENS: tuple[str, ...] = (
     "embed_tokens",
 )
 
-Labeler = Callable[..., Union[str, None]]
-ParamLabels = Union[
-    None,
-    Labeler,
-    Sequence[tuple[str, Union[str, None]]],
-    Any,  # a pytree of labels matching the parameters
-]
+Labeler = Callable[..., "str | None"]
+# None, a labeler, a list of (regex, label) rules, or a pytree of labels
+# matching the parameters.
+ParamLabels = Any
 
 
 def _known_token(name: str) -> str | None:
@@ -136,9 +133,7 @@ def regex_labeler(
     compiled = []
     for i, rule in enumerate(rules):
         if not (isinstance(rule, tuple) and len(rule) == 2):
-            raise TypeError(
-                f"param_labels rule {i} must be a (pattern, label) tuple, got {rule!r}"
-            )
+            raise TypeError(f"param_labels rule {i} must be a (pattern, label) tuple, got {rule!r}")
         pattern, label = rule
         if not isinstance(pattern, str) or not (label is None or isinstance(label, str)):
             raise TypeError(
@@ -274,9 +269,13 @@ def _labels_from_tree(labels_tree: Any, names: list[str]) -> list[str | None]:
                     f"param_labels: the label tree does not match the parameters: leaf {i} "
                     f"is {a!r} in the parameters but {b!r} in param_labels"
                 )
-        longer, what = (names, "parameters") if len(names) > len(label_names) else (
-            label_names,
-            "param_labels",
+        longer, what = (
+            (names, "parameters")
+            if len(names) > len(label_names)
+            else (
+                label_names,
+                "param_labels",
+            )
         )
         first = longer[min(len(names), len(label_names))]
         raise ValueError(
@@ -287,7 +286,9 @@ def _labels_from_tree(labels_tree: Any, names: list[str]) -> list[str | None]:
     return [_check_label(v, n, "label tree") for (_, v), n in zip(flat, names)]
 
 
-def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str], list[str | None]]:
+def leaf_labels(
+    params: Any, param_labels: ParamLabels = None
+) -> tuple[list[str], list[str | None]]:
     """Dotted names and group labels of every leaf of ``params``.
 
     Args:
@@ -366,8 +367,8 @@ def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, 
 
 
 __all__ = [
-    "GroupLayout",
     "REFERENCE_TOKENS",
+    "GroupLayout",
     "build_layout",
     "describe_groups",
     "leaf_labels",

@@ -44,7 +44,8 @@ _BOOL_OPTIONS = ("enable", "auto_bounds", "raise_small", "sync_dist", "keep_glob
 def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(options, Mapping):
         raise TypeError(
-            f"options must be a mapping of the reference's option names, got {type(options).__name__}"
+            "options must be a mapping of the reference's option names, got "
+            f"{type(options).__name__}"
         )
     unknown = [k for k in options if k not in REFERENCE_DEFAULTS]
     if unknown:

@@ -118,4 +118,3 @@ def _constant(value: float) -> Any:
         return jnp.asarray(value, dtype=jnp.result_type(float))
 
     return schedule
-

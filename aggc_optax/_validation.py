@@ -79,7 +79,8 @@ def check_total_steps(total_steps: Any, name: str = "total_steps") -> int | None
         return None
     if isinstance(total_steps, bool) or not isinstance(total_steps, (numbers.Integral,)):
         raise TypeError(
-            f"{name} must be an int >= 0 or None, got {total_steps!r} ({type(total_steps).__name__})"
+            f"{name} must be an int >= 0 or None, got {total_steps!r} "
+            f"({type(total_steps).__name__})"
         )
     if total_steps < 0:
         raise ValueError(f"{name} must be an int >= 0 or None, got {total_steps!r}")
