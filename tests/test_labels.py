@@ -1,0 +1,199 @@
+"""Group labels: spec section 2 and the ways users give labels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import aggc_optax
+from aggc_optax import describe_groups, lora_label, path_name, reference_label, regex_labeler
+from tests.spec_model import spec_label
+
+SPEC_TABLE = [
+    ("model.layers.3.self_attn.q_proj.weight", "q_proj"),
+    ("model.layers.3.self_attn.q_proj.bias", "q_proj"),
+    ("model.layers.0.input_layernorm.weight", "input_layernorm"),
+    ("model.norm.weight", "norm"),
+    ("model.embed_tokens.weight", "embed_tokens"),
+    ("lm_head.weight", "lm_head"),
+    ("model.layers.0.residual_gate", None),
+    ("logit_scale", None),
+    ("model.layers.weight", None),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", "q_proj"),
+    ("transformer.h.0.attn.c_proj.weight", "c_proj"),
+    ("transformer.h.0.mlp.c_proj.weight", "c_proj"),
+    ("transformer.wte.weight", "wte"),
+    ("transformer.h.0.ln_1.weight", "ln_1"),
+    ("model.layers.0.block_sparse_moe.experts.7.w2.weight", "w2"),
+    ("model.layers.0.block_sparse_moe.gate.weight", "gate"),
+    ("model.layers.0.mlp.q_proj_extra.weight", "q_proj_extra"),
+    # list order wins over position in the name
+    ("model.layers.0.self_attn.q_proj.up_proj.weight", "q_proj"),
+]
+
+
+@pytest.mark.parametrize(("name", "label"), SPEC_TABLE)
+def test_reference_label_spec_table(name: str, label: str | None) -> None:
+    assert reference_label(name) == label
+    assert spec_label(name) == label  # the test's own model agrees with the table
+
+
+def test_reference_label_rejects_non_str() -> None:
+    with pytest.raises(TypeError, match="name must be a str"):
+        reference_label(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", "q_proj"),
+        ("base_model.model.model.layers.5.mlp.down_proj.lora_B.default.weight", "down_proj"),
+        ("model.layers.0.self_attn.q_proj.weight", None),  # not an adapter
+        ("model.norm.weight", None),
+        # contains lora_ but no lora_A/lora_B token: first known projection token
+        ("model.layers.1.self_attn.v_proj.lora_magnitude_vector.weight", "v_proj"),
+        ("model.lora_scale", None),
+    ],
+)
+def test_lora_label(name: str, label: str | None) -> None:
+    assert lora_label(name) == label
+
+
+def _q_weight() -> jax.Array:
+    return jnp.arange(16.0).reshape(4, 4)
+
+
+def test_nested_flat_linen_and_nnx_trees_land_in_the_same_group() -> None:
+    w = _q_weight()
+    nested = {"model": {"layers": {"0": {"self_attn": {"q_proj": {"weight": w}}}}}}
+    flat = {"model.layers.0.self_attn.q_proj.weight": w}
+    linen = {"params": {"layers_0": {"self_attn": {"q_proj": {"kernel": w}}}}}
+    listy = {"model": {"layers": [{"self_attn": {"q_proj": {"weight": w}}}]}}
+    for tree in (nested, flat, linen, listy):
+        info = describe_groups(tree)
+        assert list(info["groups"]) == ["q_proj"], tree
+        assert info["unlabelled"] == []
+
+    class Attn(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.q_proj = nnx.Linear(4, 4, rngs=rngs)
+            self.input_layernorm = nnx.RMSNorm(4, rngs=rngs)
+
+    state = nnx.state(Attn(nnx.Rngs(0)), nnx.Param)
+    info = describe_groups(state)
+    # NNX paths end in a `.value` attribute; it is not part of the name.
+    assert sorted(info["groups"]) == ["input_layernorm", "q_proj"]
+    assert info["groups"]["q_proj"]["num_params"] == 4 * 4 + 4
+
+
+def test_linen_module_params_get_module_labels() -> None:
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            x = nn.Dense(4, name="up_proj")(x)
+            return nn.Dense(4, name="down_proj")(x)
+
+    params = Block().init(jax.random.key(0), jnp.ones((1, 4)))
+    assert sorted(describe_groups(params)["groups"]) == ["down_proj", "up_proj"]
+
+
+def test_path_name_joins_every_key_kind() -> None:
+    keys = (
+        jax.tree_util.DictKey("model"),
+        jax.tree_util.SequenceKey(3),
+        jax.tree_util.GetAttrKey("mlp"),
+        jax.tree_util.FlattenedIndexKey(1),
+    )
+    assert path_name(keys) == "model.3.mlp.1"
+    assert path_name((*keys, jax.tree_util.GetAttrKey("value"))) == "model.3.mlp.1"
+    # a dict entry called "value" is a real name and stays
+    assert path_name((jax.tree_util.DictKey("value"),)) == "value"
+
+
+def _tree() -> dict[str, jax.Array]:
+    return {
+        "model.layers.0.self_attn.q_proj.weight": jnp.full((2, 2), 1.0),
+        "model.layers.0.self_attn.k_proj.weight": jnp.full((2, 2), 2.0),
+        "model.layers.0.mlp.up_proj.weight": jnp.full((2, 3), 3.0),
+        "model.norm.weight": jnp.full((2,), 4.0),
+    }
+
+
+def test_callable_labelers_with_one_or_two_arguments() -> None:
+    tree = _tree()
+    by_name = describe_groups(tree, lambda name: "attn" if "_attn" in name else None)
+    assert list(by_name["groups"]) == ["attn"]
+    assert sorted(by_name["unlabelled"]) == [
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+    ]
+
+    by_shape = describe_groups(tree, lambda name, leaf: "matrix" if leaf.ndim == 2 else "vector")
+    assert by_shape["groups"]["matrix"]["num_params"] == 4 + 4 + 6
+    assert by_shape["groups"]["vector"]["leaves"] == ["model.norm.weight"]
+
+
+def test_regex_rules_first_match_wins_and_backrefs_expand() -> None:
+    rules = [(r"\.(q|k)_proj\.", r"attn_\1"), (r"norm", None), (r"proj", "other")]
+    info = describe_groups(_tree(), rules)
+    assert sorted(info["groups"]) == ["attn_k", "attn_q", "other"]
+    assert info["unlabelled"] == ["model.norm.weight"]
+    fallback = regex_labeler([(r"q_proj", "q")], default=reference_label)
+    assert fallback("model.layers.0.mlp.up_proj.weight") == "up_proj"
+
+
+def test_label_tree_and_its_mismatch_error() -> None:
+    tree = {"a": {"w": jnp.ones(2)}, "b": jnp.ones(3)}
+    info = describe_groups(tree, {"a": {"w": "g1"}, "b": None})
+    assert info["groups"]["g1"]["leaves"] == ["a.w"]
+    assert info["unlabelled"] == ["b"]
+    with pytest.raises(ValueError, match=r"'a\.w' in the parameters but 'a\.v'"):
+        describe_groups(tree, {"a": {"v": "g1"}, "b": None})
+    with pytest.raises(ValueError, match="2 parameter leaves but 1 labels"):
+        describe_groups(tree, {"a": {"w": "g1"}})
+
+
+def test_labeler_returning_a_non_string_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"returned 3 \(int\) for leaf 'b'"):
+        describe_groups({"b": jnp.ones(2)}, lambda name: 3)
+
+
+def test_invalid_rules_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="invalid pattern"):
+        aggc_optax.aggc(param_labels=[("(unclosed", "x")])
+    with pytest.raises(TypeError, match="param_labels must be None"):
+        aggc_optax.aggc(param_labels="q_proj")
+
+
+def test_unlabelled_leaves_pass_through_bit_identical() -> None:
+    rng = np.random.default_rng(0)
+    grads = {
+        "model.layers.0.self_attn.q_proj.weight": jnp.asarray(
+            rng.normal(size=(3, 3)) * 50, jnp.float32
+        ),
+        "model.layers.0.residual_gate": jnp.asarray(rng.normal(size=(5,)) * 1e6, jnp.float32),
+        "logit_scale": jnp.asarray(np.float32(np.nan)),
+    }
+    tx = aggc_optax.aggc(ema_beta=0.5, low_mult=0.5, high_mult=0.5, max_down_scale=0.0)
+    state = tx.init(grads)
+    for _ in range(3):
+        out, state = jax.jit(tx.update)(grads, state)
+        for name in ("model.layers.0.residual_gate", "logit_scale"):
+            np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(grads[name]))
+    assert list(aggc_optax.group_stats(state)) == ["q_proj"]
+    # ...and the labelled leaf really was clipped, so the pass-through is not vacuous
+    assert float(aggc_optax.group_stats(state)["q_proj"]["scale"]) < 1.0
+
+
+def test_group_order_is_first_appearance_in_flattening_order() -> None:
+    tree = {"b": {"up_proj": {"weight": jnp.ones(2)}}, "a": {"q_proj": {"weight": jnp.ones(2)}}}
+    tx = aggc_optax.aggc()
+    state = tx.init(tree)
+    # jax flattens dicts in sorted key order: "a" before "b"
+    assert state.layout.labels == ("q_proj", "up_proj")
+    assert optax.tree.get(state, "ema").shape == (2,)
