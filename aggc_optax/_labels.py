@@ -346,11 +346,11 @@ def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, 
 
     Example:
       >>> import jax.numpy as jnp
-      >>> tree = {"model": {"layers": {"0": {"q_proj": {"weight": jnp.ones((4, 4))}}},
-      ...                   "scale": jnp.ones(())}}
+      >>> tree = {"model": {"layers": {"0": {"q_proj": {"weight": jnp.ones((4, 4))}}}},
+      ...         "logit_scale": jnp.ones(())}
       >>> info = describe_groups(tree)
       >>> info["groups"]["q_proj"]["num_params"], info["unlabelled"]
-      (16, ['model.scale'])
+      (16, ['logit_scale'])
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     names, labels = leaf_labels(params, param_labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -64,7 +65,9 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     output_dir = merged["output_dir"]
     if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"output_dir must be a path or None, got {output_dir!r}")
-    _validation.check_number("norm_type", merged["norm_type"])
+    # norm_type has no effect (spec 8.4) but torch accepts inf, so only its type is checked
+    if math.isnan(_validation.as_python_float("norm_type", merged["norm_type"])):
+        raise ValueError("norm_type must be a number (it has no effect; 2.0 is usual), got nan")
     for key in ("low_mult_late", "high_mult_late"):
         _validation.check_number(key, merged[key])
     for key in ("bounds_switch_ratio", "bounds_transition_ratio"):

@@ -20,7 +20,7 @@ def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def _as_python_float(name: str, value: Any) -> float:
+def as_python_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a real number, got the bool {value!r}")
     if isinstance(value, numbers.Real):
@@ -47,7 +47,7 @@ def check_number(
     """Checks a scalar hyperparameter; returns it as a float (tracers unchanged)."""
     if is_traced(value):
         return value
-    x = _as_python_float(name, value)
+    x = as_python_float(name, value)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x!r}")
     below = minimum is not None and x < minimum
