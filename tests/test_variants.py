@@ -275,9 +275,10 @@ def test_per_group_hyperparameters_by_hand() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the MLP and norm keys match no group here
         state = tx.init(params)
+    update = jax.jit(tx.update)
     for n in (10.0, 50.0):
         g = {Q: jnp.asarray([0.6 * n, 0.8 * n]), K: jnp.asarray([0.8 * n, 0.6 * n])}
-        _, state = tx.update(g, state)
+        _, state = update(g, state)
     s = group_stats(state)
     assert float(s["q_proj"]["upper"]) == pytest.approx(1.5, rel=1e-6)
     assert float(s["q_proj"]["scale"]) == pytest.approx(0.03, rel=1e-5)
@@ -473,9 +474,9 @@ def test_an_exact_label_wins_even_after_a_matching_pattern() -> None:
     gh = {"[qk]_proj": {"high_mult": 1.2}, "q_proj": {"high_mult": 1.5}}
     tx = aggc(**PLAIN, group_hyperparams=gh)
     params = {Q: jnp.zeros(2), K: jnp.zeros(2)}
-    state = tx.init(params)
+    state, update = tx.init(params), jax.jit(tx.update)
     for n in (10.0, 50.0):
-        _, state = tx.update({Q: jnp.asarray([0.6 * n, 0.8 * n]), K: jnp.asarray([n, 0.0])}, state)
+        _, state = update({Q: jnp.asarray([0.6 * n, 0.8 * n]), K: jnp.asarray([n, 0.0])}, state)
     s = group_stats(state)
     assert float(s["q_proj"]["upper"]) == pytest.approx(1.5, rel=1e-6)
     assert float(s["k_proj"]["upper"]) == pytest.approx(1.2, rel=1e-6)
