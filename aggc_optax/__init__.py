@@ -4,6 +4,7 @@ Li, Wu, Chang, "AGGC: Adaptive Group Gradient Clipping for Stabilizing Large
 Language Model Training", Findings of ACL 2026 (arXiv 2601.11864).
 """
 
+from aggc_optax import presets
 from aggc_optax._aggc import AGGCState, aggc
 from aggc_optax._labels import (
     REFERENCE_TOKENS,
@@ -33,6 +34,7 @@ __all__ = [
     "linear_bounds_schedule",
     "lora_label",
     "path_name",
+    "presets",
     "reference_label",
     "regex_labeler",
 ]

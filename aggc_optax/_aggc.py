@@ -218,6 +218,7 @@ def _build(config: _Config) -> optax.GradientTransformation:
                 "transformation disables itself and passes gradients through untouched.",
                 stacklevel=3,
             )
+        _warn_unmatched_group_hyperparams(config, layout)
         num_groups = layout.num_groups
         dtype = _stats_dtype()
         zeros = jnp.zeros((num_groups,), dtype)
@@ -292,6 +293,19 @@ def _build(config: _Config) -> optax.GradientTransformation:
         return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _warn_unmatched_group_hyperparams(config: _Config, layout: GroupLayout) -> None:
+    # A key that matches no group is most likely a typo (or the wrong label rule):
+    # silently ignoring it would leave that group on the default hyperparameters.
+    for key, regex, _ in config.group_hyperparams:
+        if not any(key == label or regex.fullmatch(label) for label in layout.labels):
+            warnings.warn(
+                f"aggc: group_hyperparams key {key!r} matches no group label (labels: "
+                f"{list(layout.labels)}); its entry has no effect. Keys are exact labels "
+                "or regular expressions matched against the whole label.",
+                stacklevel=4,
+            )
 
 
 def _raise_tree_mismatch(expected: tuple[str, ...], got: tuple[str, ...]) -> None:
@@ -524,16 +538,23 @@ def aggc(
         the reference's behaviour (spec 8.3; a NaN disables the group forever).
       variant: ``"reference"`` (bounds from the EMA before the step, fed the
         post-clip norm) or ``"paper"`` (the paper's eq. 2: the EMA of raw
-        norms, including this step, sets this step's bounds).
+        norms, including this step, sets this step's bounds; with a zero
+        start, step 0 is then clipped to about ``(1 - beta) * high_mult``).
       ema_init: ``"zero"`` (reference) or ``"first"``: a group's EMA starts at
-        its first observed norm, which avoids the tiny bounds of the warm-up.
+        its first observed (finite) norm, as if that norm had always been
+        seen, which avoids the tiny bounds of the warm-up.
       bias_correction: divide the EMA by :math:`1 - \beta^n` (``n`` updates so
         far) when building bounds, as Adam does; only with ``ema_init="zero"``.
+        The ``ema`` kept in the state stays uncorrected.
       group_hyperparams: per-group overrides: ``{label or regex: {field: value}}``
         for any of ``ema_beta, low_mult, high_mult, min_norm, max_norm,
         max_up_scale, max_down_scale, raise_small``. An exact label wins over
         patterns; among patterns (matched in full) the first wins; fields not
-        given take the arguments above, which are the default entry.
+        given take the arguments above, which are the default entry (there is
+        no magic key: a last entry ``".*"`` is a catch-all). A key matching
+        no group warns at ``init``. ``docs/variants.md`` shows when to use
+        each of ``variant``, ``ema_init``, ``bias_correction`` and
+        ``group_hyperparams``; ``aggc_optax.presets`` has ready-made settings.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over
         which the per-group sums of squares are reduced. Not needed under
         ``jax.jit`` with sharded arrays: there the norms are already global.

@@ -81,6 +81,11 @@ def from_reference_options(
     total_steps: int | None = None,
     param_labels: ParamLabels = None,
     axis_name: Any = None,
+    variant: str = "reference",
+    ema_init: str = "zero",
+    bias_correction: bool = False,
+    nonfinite: str = "reference",
+    group_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> optax.GradientTransformation:
     """The transformation that behaves exactly like the reference clipper.
 
@@ -115,6 +120,18 @@ def from_reference_options(
       param_labels: override the reference's label rule (e.g.
         ``aggc_optax.lora_label`` for the LoRA script's copy, spec section 10).
       axis_name: see ``sync_dist`` above.
+      variant: ``"reference"`` (default) or ``"paper"``; see :func:`aggc`.
+      ema_init: ``"zero"`` (default, the reference) or ``"first"``; see :func:`aggc`.
+      bias_correction: ``False`` (default, the reference); see :func:`aggc`.
+      nonfinite: ``"reference"`` (default: spec 8.3 exactly) or ``"skip"``;
+        see :func:`aggc`.
+      group_hyperparams: ``None`` (default) or per-group overrides as in
+        :func:`aggc`; the option dict's values are the default entry. A group
+        entry's ``low_mult``/``high_mult`` replaces the recipe's (scheduled)
+        multiplier for that group: give a schedule to keep a ramp.
+
+      These five keywords are the fixes the reference lacks (``docs/variants.md``);
+      each is off by default, so the defaults reproduce the reference exactly.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -135,6 +152,13 @@ def from_reference_options(
 
     low, high = opts["low_mult"], opts["high_mult"]
     if opts["bounds_schedule"] == "linear" and total_steps:
+        for key in ("low_mult", "high_mult"):
+            if callable(opts[key]):
+                raise ValueError(
+                    f"{key} is a schedule, but bounds_schedule='linear' builds its own ramp "
+                    f"from a number; pass a number, or bounds_schedule='none' to use the "
+                    f"schedule as given (got {opts[key]!r})"
+                )
         ramp = {
             "total_steps": total_steps,
             "switch_ratio": opts["bounds_switch_ratio"],
@@ -156,11 +180,11 @@ def from_reference_options(
         },
         auto_bounds=opts["auto_bounds"],
         param_labels=param_labels,
-        nonfinite="reference",
-        variant="reference",
-        ema_init="zero",
-        bias_correction=False,
-        group_hyperparams=None,
+        nonfinite=nonfinite,
+        variant=variant,
+        ema_init=ema_init,
+        bias_correction=bias_correction,
+        group_hyperparams=group_hyperparams,
         axis_name=axis_name,
         axis_reduction="mean" if opts["sync_dist"] else "sum",
         reference_caps=True,

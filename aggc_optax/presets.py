@@ -1,0 +1,304 @@
+r"""Ready-made AGGC settings: the authors' recipes and two known clippers.
+
+* :func:`lora_sft` and :func:`grpo`: the authors' two recipes (spec section 9),
+  through :func:`~aggc_optax.from_reference_options`, so they behave exactly
+  like the authors' PyTorch clipper unless an override says otherwise.
+* :func:`global_norm`: AGGC with one group, static bounds and no raising, which
+  is global-norm clipping (``optax.clip_by_global_norm``) up to AGGC's
+  :math:`\epsilon = 10^{-12}`.
+* :func:`adagc`: AGGC with one group per tensor and only an upper bound, which
+  is the per-tensor rule of AdaGC (Wang et al., 2025) after its warm-up.
+
+Example:
+  >>> import optax
+  >>> from aggc_optax import presets
+  >>> tx = optax.chain(presets.lora_sft(total_steps=1000), optax.adamw(2e-5))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import optax
+
+from aggc_optax import _validation
+from aggc_optax._aggc import aggc
+from aggc_optax._labels import ParamLabels
+from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
+
+#: The authors' LoRA SFT recipe (``LoRA/scripts/*/run_lora_AGGC.sh``), in the
+#: reference's option names.
+LORA_SFT_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {
+        "enable": True,
+        "auto_bounds": True,
+        "ema_beta": 0.95,
+        "low_mult": 0.95,
+        "high_mult": 0.6,
+        "min_norm": 0.01,
+        "raise_small": False,
+        "bounds_schedule": "linear",
+        "low_mult_late": 0.98,
+        "high_mult_late": 0.7,
+        "bounds_switch_ratio": 0.4,
+        "bounds_transition_ratio": 0.3,
+        "max_up_scale": 1.1,
+        "max_down_scale": 0.9,
+        "sync_dist": True,
+    }
+)
+
+#: The authors' GRPO recipe (``GRPO/my_scripts/run_qwen2.5-3b_gsm8k.sh``).
+GRPO_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {
+        "enable": True,
+        "auto_bounds": True,
+        "ema_beta": 0.99,
+        "low_mult": 0.98,
+        "high_mult": 0.7,
+        "min_norm": 0.0,
+        "raise_small": True,
+        "bounds_schedule": "linear",
+        "low_mult_late": 0.98,
+        "high_mult_late": 0.999,
+        "bounds_switch_ratio": 0.6,
+        "bounds_transition_ratio": 0.2,
+        "max_up_scale": 1.1,
+        "max_down_scale": 0.9,
+        "keep_global_clip": False,
+        "sync_dist": True,
+    }
+)
+
+# Keyword arguments of from_reference_options that a recipe override may set.
+_KEYWORDS = (
+    "param_labels",
+    "axis_name",
+    "variant",
+    "ema_init",
+    "bias_correction",
+    "nonfinite",
+    "group_hyperparams",
+)
+
+
+def _recipe(
+    name: str, recipe: Mapping[str, Any], total_steps: int | None, overrides: Mapping[str, Any]
+) -> optax.GradientTransformation:
+    options = dict(recipe)
+    keywords = {}
+    for key, value in overrides.items():
+        if key in _KEYWORDS:
+            keywords[key] = value
+        elif key in REFERENCE_DEFAULTS:
+            options[key] = value
+        else:
+            raise ValueError(
+                f"presets.{name}: unknown override {key!r}; allowed: the reference's options "
+                f"{sorted(REFERENCE_DEFAULTS)} and {list(_KEYWORDS)}"
+            )
+    return from_reference_options(options, total_steps=total_steps, **keywords)
+
+
+def lora_sft(total_steps: int | None, **overrides: Any) -> optax.GradientTransformation:
+    """The authors' LoRA SFT recipe, the one behind the paper's headline GSM8K result.
+
+    ``ema_beta=0.95``, multipliers ``0.95``/``0.6`` ramped linearly to
+    ``0.98``/``0.7`` between 40% and 70% of the run, ``min_norm=0.01``, no
+    raising, caps ``1.1``/``0.9``, ``sync_dist`` (see
+    :data:`LORA_SFT_OPTIONS`). Equal to
+    ``from_reference_options(LORA_SFT_OPTIONS, total_steps=total_steps)``: it
+    reproduces the reference exactly, ``nonfinite="reference"`` included.
+
+    Args:
+      total_steps: the run's number of optimizer steps (what the LoRA script's
+        callback reads from the trainer's ``max_steps``); ``None`` or 0 leaves
+        the multipliers at their base values.
+      **overrides: any of the reference's option names (replacing the
+        recipe's value, e.g. ``ema_beta=0.9``), or the keywords of
+        :func:`~aggc_optax.from_reference_options`: ``param_labels``,
+        ``axis_name``, ``variant``, ``ema_init``, ``bias_correction``,
+        ``nonfinite``, ``group_hyperparams``.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> from aggc_optax import presets
+      >>> tx = presets.lora_sft(2000, ema_init="first", nonfinite="skip")
+
+    References:
+      Li, Wu, Chang, `AGGC <https://arxiv.org/abs/2601.11864>`_, 2026 (appendix C).
+    """
+    return _recipe("lora_sft", LORA_SFT_OPTIONS, total_steps, overrides)
+
+
+def grpo(total_steps: int | None = None, **overrides: Any) -> optax.GradientTransformation:
+    """The authors' GRPO recipe (Qwen2.5-3B on GSM8K with verl).
+
+    ``ema_beta=0.99``, multipliers ``0.98``/``0.7`` (late ``0.98``/``0.999``,
+    switch 0.6, transition 0.2), ``min_norm=0``, raising on, caps
+    ``1.1``/``0.9`` (see :data:`GRPO_OPTIONS`). Equal to
+    ``from_reference_options(GRPO_OPTIONS, total_steps=total_steps)``.
+
+    The default ``total_steps=None`` is what the authors ran: the verl trainer
+    never calls ``on_train_begin``, so the recipe's linear schedule is inert
+    there (spec 8.8). Pass the run's length to get the ramp the script asks for.
+
+    Args:
+      total_steps: ``None`` (the recipe as run) or the run's number of steps.
+      **overrides: as for :func:`lora_sft`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+    """
+    return _recipe("grpo", GRPO_OPTIONS, total_steps, overrides)
+
+
+def _single_group(name: str) -> str:
+    del name
+    return "global"
+
+
+def global_norm(max_norm: float, *, nonfinite: str = "skip") -> optax.GradientTransformation:
+    r"""Global-norm clipping, written as AGGC with one group and static bounds.
+
+    Every leaf is in the single group ``"global"``; the bounds are
+    ``[0, max_norm]`` with no raising and no caps, so with
+    :math:`n = \sqrt{\sum_i \|g_i\|^2 + 10^{-16}}`:
+
+    .. math::
+      g \leftarrow \begin{cases} g \cdot \text{max\_norm} / (n + \epsilon) &
+      n > \text{max\_norm} + \epsilon \\ g & \text{otherwise.} \end{cases}
+
+    ``optax.clip_by_global_norm(max_norm)`` computes
+    ``g / n * max_norm`` whenever ``n >= max_norm``. The two agree exactly
+    except for AGGC's :math:`\epsilon = 10^{-12}` and the :math:`10^{-16}` under
+    the root: in exact arithmetic the elementwise relative difference is at
+    most :math:`\epsilon / \text{max\_norm} + 10^{-16} / (2\,\text{max\_norm}^2)`
+    (the band :math:`\text{max\_norm} \le n \le \text{max\_norm} + \epsilon`,
+    which optax scales by at least :math:`1 - \epsilon / \text{max\_norm}` and
+    this leaves alone, included). In float32 the different order of the
+    roundings adds a few ulps (``tests/test_presets.py`` checks ``rtol=1e-6``;
+    in float64, ``rtol=1e-12 + 1e-15`` for ``max_norm = 1``). A non-finite norm differs
+    by design: ``nonfinite="skip"`` passes the gradients through unchanged,
+    optax turns them into NaN.
+
+    It exists to relate AGGC to the clipper it replaces (and for tests); in
+    training, ``optax.clip_by_global_norm`` is the simpler choice.
+
+    Args:
+      max_norm: the largest global norm let through; ``> 0``.
+      nonfinite: ``"skip"`` or ``"reference"``, as in :func:`~aggc_optax.aggc`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from aggc_optax import presets
+      >>> tx = presets.global_norm(1.0)
+      >>> g = {"a": jnp.array([3.0, 4.0])}
+      >>> out, _ = tx.update(g, tx.init(g))
+      >>> [round(float(x), 4) for x in out["a"]]
+      [0.6, 0.8]
+    """
+    max_norm = _validation.check_number("max_norm", max_norm, minimum=0.0)
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    return aggc(
+        param_labels=_single_group,
+        auto_bounds=False,
+        min_norm=0.0,
+        max_norm=max_norm,
+        raise_small=False,
+        max_up_scale=0.0,
+        max_down_scale=0.0,
+        nonfinite=nonfinite,
+    )
+
+
+def _per_tensor(name: str) -> str:
+    return name or "<root>"
+
+
+def adagc(
+    rel_threshold: float = 1.05,
+    ema_beta: float = 0.98,
+    *,
+    ema_init: str = "first",
+    param_labels: ParamLabels = None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformation:
+    r"""Per-tensor adaptive clipping in the style of AdaGC, written as AGGC.
+
+    One group per tensor (by default: the label is the leaf's dotted path),
+    only an upper bound (``low_mult=0``, ``min_norm=0``, no raising, no caps):
+    with :math:`\gamma_i` the tensor's EMA before the step,
+
+    .. math::
+      h_i = \begin{cases} \lambda_\text{rel}\,\gamma_i / (\|g_i\| + \epsilon) &
+      \|g_i\| > \lambda_\text{rel}\gamma_i + \epsilon \\ 1 & \text{otherwise,}
+      \end{cases} \quad g_i \leftarrow h_i g_i, \quad
+      \gamma_i \leftarrow \beta \gamma_i + (1 - \beta)\, h_i \|g_i\|,
+
+    which is AdaGC's rule after its warm-up: the threshold is relative to an
+    EMA of the *clipped* norms, as AGGC's reference EMA is. What is not the
+    same:
+
+    * AdaGC's warm-up (its first steps clip the *global* norm against an
+      absolute threshold and set :math:`\gamma_i` to the running minimum of
+      the clipped norms) is not reproduced. With ``ema_init="first"`` (the
+      default here) :math:`\gamma_i` starts at the tensor's first norm and
+      that first step is never clipped (for ``rel_threshold >= 1``): this is
+      exactly AdaGC with a one-step warm-up and no absolute threshold. With
+      ``ema_init="zero"`` the first steps clip everything to tiny bounds (the
+      reference's warm-up), which AdaGC avoids.
+    * AGGC's :math:`\epsilon = 10^{-12}` in the test and the division, and
+      the :math:`10^{-16}` under the root (``tests/test_presets.py``: equal to
+      a NumPy model of the rule to ``rtol=3e-6`` in float32).
+
+    Args:
+      rel_threshold: :math:`\lambda_\text{rel}` (``high_mult``), ``> 0``; ``>= 1``
+        for the equivalence above. 1.05 here is a starting point, not a value
+        from the AdaGC paper.
+      ema_beta: :math:`\beta`, in ``[0, 1)``.
+      ema_init: ``"first"`` (default) or ``"zero"``, as in :func:`~aggc_optax.aggc`.
+      param_labels: ``None`` (one group per leaf) or any labeling of
+        :func:`~aggc_optax.aggc` (e.g. per module type, which is then AGGC
+        with only an upper bound).
+      nonfinite: ``"skip"`` or ``"reference"``, as in :func:`~aggc_optax.aggc`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import optax
+      >>> from aggc_optax import presets
+      >>> tx = optax.chain(presets.adagc(), optax.adamw(3e-4))
+
+    References:
+      Wang et al., `AdaGC: Improving Training Stability for Large Language
+      Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+    """
+    rel_threshold = _validation.check_number("rel_threshold", rel_threshold, minimum=0.0)
+    if rel_threshold <= 0:
+        raise ValueError(f"rel_threshold must be > 0, got {rel_threshold!r}")
+    return aggc(
+        ema_beta=ema_beta,
+        low_mult=0.0,
+        high_mult=rel_threshold,
+        min_norm=0.0,
+        auto_bounds=True,
+        raise_small=False,
+        max_up_scale=0.0,
+        max_down_scale=0.0,
+        param_labels=_per_tensor if param_labels is None else param_labels,
+        ema_init=ema_init,
+        nonfinite=nonfinite,
+    )
+
+
+__all__ = ["GRPO_OPTIONS", "LORA_SFT_OPTIONS", "adagc", "global_norm", "grpo", "lora_sft"]
