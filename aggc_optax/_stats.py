@@ -13,7 +13,10 @@ STAT_FIELDS = ("norm", "lower", "upper", "scale", "ema", "clip_down_count", "rai
 
 
 def _unbox(x: Any) -> jax.Array:
-    # Flax NNX's Optimizer keeps state arrays inside Variable boxes.
+    # Flax NNX's Optimizer keeps state arrays inside Variable boxes; their `.value`
+    # is deprecated since flax 0.12 (a warning per access), `get_value()` is not.
+    if hasattr(x, "get_value"):
+        return jnp.asarray(x.get_value())
     return jnp.asarray(x.value if hasattr(x, "value") else x)
 
 
