@@ -1020,8 +1020,8 @@ def run_end_to_end(
     batches = _e2e_batches(steps, seed)
 
     with _full_float32_matmuls():
-        # PyTorch, with the reference clipper, as a training loop would use it.
-        torch.manual_seed(seed)
+        # PyTorch, with the reference clipper, as a training loop would use it
+        # (its random init is overwritten by the shared weights).
         model = _TorchLM().to(torch_device)
         tparams = dict(model.named_parameters())
         if set(tparams) != set(init):
