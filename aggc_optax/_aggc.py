@@ -366,18 +366,33 @@ def _checkers(reference_caps: bool) -> dict[str, Callable[[str, Any], Any]]:
     def mult(name: str, v: Any) -> Any:
         return _validation.check_schedule_or_number(name, v, minimum=0.0)
 
+    def reference_cap(name: str, v: Any) -> Any:
+        return _validation.check_number(
+            name, v, minimum=0.0, allowed="in [0.0, inf) (0 is off; any other value is a cap)"
+        )
+
     def up_cap(name: str, v: Any) -> Any:
         if reference_caps:
-            return nonneg(name, v)
+            return reference_cap(name, v)
         return _validation.check_cap(
-            name, v, low=1.0, high=math.inf, meaning="a ceiling on an upward scale"
+            name,
+            v,
+            low=1.0,
+            high=math.inf,
+            meaning="a ceiling on an upward scale",
+            allowed="0 (off) or >= 1",
         )
 
     def down_cap(name: str, v: Any) -> Any:
         if reference_caps:
-            return nonneg(name, v)
+            return reference_cap(name, v)
         return _validation.check_cap(
-            name, v, low=0.0, high=1.0, meaning="a floor on a downward scale"
+            name,
+            v,
+            low=0.0,
+            high=1.0,
+            meaning="a floor on a downward scale",
+            allowed="0 (off) or in (0, 1]",
         )
 
     def boolean(name: str, v: Any) -> Any:
@@ -456,6 +471,22 @@ def _check_param_labels(param_labels: ParamLabels) -> None:
         and all(isinstance(r, tuple) for r in param_labels)
     ):
         _labels.regex_labeler(param_labels)  # validates the rules now, not at init
+        return
+    if param_labels is None or callable(param_labels):
+        return
+    # A label tree: every leaf must be a str or None (its structure is checked at init).
+    flat = jax.tree_util.tree_flatten_with_path(
+        param_labels, is_leaf=lambda x: x is None or isinstance(x, str)
+    )[0]
+    for path, value in flat:
+        if not (value is None or isinstance(value, str)):
+            name = _labels.path_name(path)
+            where = f"leaf {name!r}" if name else "the root"
+            raise TypeError(
+                f"param_labels: got {value!r} ({type(value).__name__}) at {where}; "
+                "param_labels must be None, a callable labeler, a list of (regex, label) "
+                "rules, or a pytree of str/None labels shaped like the parameters"
+            )
 
 
 def aggc(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import numbers
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -65,14 +65,31 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     output_dir = merged["output_dir"]
     if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"output_dir must be a path or None, got {output_dir!r}")
-    # norm_type has no effect (spec 8.4) but torch accepts inf, so only its type is checked
-    if math.isnan(_validation.as_python_float("norm_type", merged["norm_type"])):
-        raise ValueError("norm_type must be a number (it has no effect; 2.0 is usual), got nan")
+    _check_norm_type(merged["norm_type"])
+    # Checked even with enable=False, so a bad recipe fails when it is written,
+    # not on the day someone enables it. Caps take any value >= 0, as in the
+    # reference (out-of-range values invert their meaning, spec 4).
+    checkers = _aggc._checkers(reference_caps=True)
+    for key in _aggc.GROUP_FIELDS:
+        if key != "raise_small":
+            checkers[key](key, merged[key])
     for key in ("low_mult_late", "high_mult_late"):
-        _validation.check_number(key, merged[key])
+        # any finite value: <= 0 means "use the base value" (spec 5)
+        _validation.check_number(
+            key, merged[key], allowed="any finite number; <= 0 means the base value"
+        )
     for key in ("bounds_switch_ratio", "bounds_transition_ratio"):
         _validation.check_number(key, merged[key], minimum=0.0, maximum=1.0)
     return merged
+
+
+def _check_norm_type(value: Any) -> None:
+    # No effect (spec 8.4), but a typo should still fail; inf is the max norm in torch.
+    allowed = "a number > 0 or inf (it has no effect: the norm is always L2)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"norm_type must be {allowed}, got {value!r} ({type(value).__name__})")
+    if not value > 0:
+        raise ValueError(f"norm_type must be {allowed}, got {value!r}")
 
 
 def from_reference_options(

@@ -44,20 +44,25 @@ def check_number(
     maximum_exclusive: bool = False,
     allowed: str | None = None,
 ) -> Any:
-    """Checks a scalar hyperparameter; returns it as a float (tracers unchanged)."""
+    """Checks a scalar hyperparameter; returns it as a float (tracers unchanged).
+
+    ``allowed`` replaces the default description of the domain (``"in [0.0, 1.0)"``)
+    in the error messages.
+    """
     if is_traced(value):
         return value
     x = as_python_float(name, value)
+    if allowed is None and (minimum is not None or maximum is not None):
+        lo = "(-inf" if minimum is None else f"[{minimum!r}"
+        hi = "inf)" if maximum is None else f"{maximum!r}{')' if maximum_exclusive else ']'}"
+        allowed = f"in {lo}, {hi}"
     if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x!r}")
+        domain = f" (it must be {allowed})" if allowed else ""
+        raise ValueError(f"{name} must be finite, got {x!r}{domain}")
     below = minimum is not None and x < minimum
     above = maximum is not None and (x >= maximum if maximum_exclusive else x > maximum)
     if below or above:
-        if allowed is None:
-            lo = "-inf" if minimum is None else repr(minimum)
-            hi = "inf" if maximum is None else repr(maximum)
-            allowed = f"[{lo}, {hi}{')' if maximum_exclusive or maximum is None else ']'}"
-        raise ValueError(f"{name} must be in {allowed}, got {x!r}")
+        raise ValueError(f"{name} must be {allowed}, got {x!r}")
     return x
 
 
@@ -113,14 +118,18 @@ def check_schedule_or_number(
     return check_number(name, value, minimum=minimum)
 
 
-def check_cap(name: str, value: Any, *, low: float, high: float, meaning: str) -> Any:
+def check_cap(
+    name: str, value: Any, *, low: float, high: float, meaning: str, allowed: str | None = None
+) -> Any:
     """A cap is 0 (off) or inside ``[low, high]``; outside it would invert its meaning."""
     if is_traced(value):
         return value
-    x = check_number(name, value, minimum=0.0)
+    if allowed is None:
+        allowed = f"0 (off) or in [{low}, {high}]"
+    x = check_number(name, value, minimum=0.0, allowed=allowed)
     if x != 0.0 and not (low <= x <= high):
         raise ValueError(
-            f"{name} must be 0 (off) or in [{low}, {high}] ({meaning}), got {x!r}; "
+            f"{name} must be {allowed} ({meaning}), got {x!r}; "
             "the reference accepts other values, which invert the cap's meaning: use "
             "from_reference_options to reproduce that"
         )

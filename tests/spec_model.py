@@ -128,3 +128,98 @@ class SpecClipper:
                     stats[label]["scale"], dtype=np.asarray(g).dtype
                 )
         return out, stats
+
+
+def python_max(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise Python ``max(a, b)``: ``a`` unless ``b > a`` (so ``max(0.0, nan) == 0.0``)."""
+    return np.where(b > a, b, a)
+
+
+def python_min(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise Python ``min(a, b)``: ``a`` unless ``b < a``."""
+    return np.where(b < a, b, a)
+
+
+def tensor_sq_sums(g: np.ndarray) -> np.ndarray:
+    """Per-step float32 sum of squares of a stack of tensors ``[T, ...]``, as float64 ``[T]``."""
+    g32 = np.asarray(g, dtype=np.float32)
+    axes = tuple(range(1, g32.ndim))
+    return np.sum(g32 * g32, axis=axes, dtype=np.float32).astype(np.float64)
+
+
+def spec_trajectory(
+    sq_sums: np.ndarray,
+    *,
+    ema_beta: float,
+    low_mult: float | np.ndarray,
+    high_mult: float | np.ndarray,
+    min_norm: float = 0.0,
+    max_norm: float = 1.0,
+    auto_bounds: bool = True,
+    raise_small: bool = False,
+    max_up_scale: float = 0.0,
+    max_down_scale: float = 0.0,
+    observed_scale: np.ndarray | None = None,
+    tie_tol: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """Spec section 4 over a whole run, vectorised over groups, in float64.
+
+    The same math as :meth:`SpecClipper.group_step`, for long runs: ``sq_sums``
+    is ``[T, G]`` (each group's sum of per-tensor float32 sums of squares at each
+    step); ``low_mult``/``high_mult`` are numbers or per-step values ``[T]``.
+
+    Ties: with an inverted interval (``lower > upper``) and ``raise_small``, the
+    scale jumps at ``norm == upper`` (just above: clipped down by ~1; at or
+    below: raised toward ``lower``). When the norm is within ``tie_tol``
+    (relative) of ``upper`` there, float32 rounding decides the branch, so a
+    float32 run may legitimately take the other one. If ``observed_scale``
+    (``[T, G]``, the float32 run's scales) is given, such a tie takes the
+    branch whose scale is closer to the observed one; ``"ties"`` counts them.
+    Nowhere else is the observation used.
+
+    Returns:
+      ``{"norm", "lower", "upper", "scale", "ema"}``, each ``[T, G]`` (``ema`` is
+      the EMA *after* each step), and ``"ties"``, the number of ties resolved.
+    """
+    sq_sums = np.asarray(sq_sums, dtype=np.float64)
+    steps, groups = sq_sums.shape
+    low = np.broadcast_to(np.asarray(low_mult, np.float64), (steps,))
+    high = np.broadcast_to(np.asarray(high_mult, np.float64), (steps,))
+    norms = np.sqrt(sq_sums + 1e-16)
+    out = {k: np.empty((steps, groups)) for k in ("norm", "lower", "upper", "scale", "ema")}
+    ema = np.zeros(groups)
+    zero = np.zeros(groups)
+    ties = 0
+    for t in range(steps):
+        norm = norms[t]
+        if auto_bounds:
+            lower = python_max(np.full(groups, min_norm), ema * low[t])
+            upper = python_max(zero, ema * high[t])
+        else:
+            lower, upper = np.full(groups, min_norm), np.full(groups, max_norm)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            down = (upper > 0) & (norm > upper + EPS)
+            up = ~down & raise_small & (lower > 0) & (norm < lower - EPS)
+            down_scale = upper / (norm + EPS)
+            if max_down_scale > 0:
+                down_scale = python_max(down_scale, np.full(groups, max_down_scale))
+            up_scale = lower / (norm + EPS)
+            if max_up_scale > 0:
+                up_scale = python_min(up_scale, np.full(groups, max_up_scale))
+            scale = np.where(down, down_scale, np.where(up, up_scale, 1.0))
+            if observed_scale is not None and raise_small:
+                tie = (lower > upper) & (upper > 0) & (np.abs(norm / upper - 1) < tie_tol)
+                if np.any(tie):
+                    raise_scale = np.where(lower > 0, up_scale, 1.0)
+                    pick_raise = np.abs(raise_scale - observed_scale[t]) < np.abs(
+                        down_scale - observed_scale[t]
+                    )
+                    alternative = np.where(down, raise_scale, down_scale)
+                    chosen = np.where(pick_raise, raise_scale, down_scale)
+                    ties += int(np.sum(tie & (chosen == alternative)))
+                    scale = np.where(tie, chosen, scale)
+            ema = ema_beta * ema + (1 - ema_beta) * norm * scale
+        out["norm"][t], out["lower"][t], out["upper"][t] = norm, lower, upper
+        out["scale"][t], out["ema"][t] = scale, ema
+    out["ties"] = np.asarray(ties)
+    return out
