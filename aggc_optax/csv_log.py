@@ -68,9 +68,10 @@ def _rows_from_state(opt_state: Any) -> list[Row] | None:
 
 
 def _rows_from_stats(stats: Mapping[str, Any]) -> list[Row]:
-    host = jax.device_get(dict(stats))
+    # A list, not the dict itself: jax flattening would sort the labels out of group order.
+    labels = list(stats)
     out = []
-    for label, fields in host.items():
+    for label, fields in zip(labels, jax.device_get([stats[k] for k in labels])):
         if not isinstance(fields, Mapping):
             raise TypeError(
                 f"stats_rows: stats[{label!r}] must be a mapping with keys {_VALUE_COLUMNS}, "

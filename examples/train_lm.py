@@ -443,9 +443,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for name, run in runs.items():
         results[name] = {
-            "loss": np.asarray(jax.device_get(run["loss"]), np.float64),
-            "before": np.asarray(jax.device_get(run["before"]), np.float64),
-            "after": np.asarray(jax.device_get(run["after"]), np.float64),
+            "loss": np.asarray(jax.device_get(run["loss"])),
+            "before": np.asarray(jax.device_get(run["before"])),
+            "after": np.asarray(jax.device_get(run["after"])),
             "eval": [tuple(float(v) for v in e) for e in jax.device_get(run["eval"])],
             "opt_state": run["opt_state"],
         }
@@ -487,13 +487,15 @@ def write_csvs(out: dict[str, Any], folder: str) -> None:
         for run, r in results.items():
             for step in range(len(r["loss"])):
                 for j, label in enumerate(labels):
+                    # str() of a NumPy float32 is its shortest round-trip form.
                     b, a = r["before"][step, j], r["after"][step, j]
-                    w.writerow([run, step, label, repr(b), repr(a), repr(a / b if b > 0 else 1.0)])
+                    scale = a / b if b > 0 else np.float32(1.0)
+                    w.writerow([run, step, label, str(b), str(a), str(scale)])
     with open(os.path.join(folder, "losses.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", *results])
         for step in range(len(results[RUNS[0]]["loss"])):
-            w.writerow([step, *(repr(r["loss"][step]) for r in results.values())])
+            w.writerow([step, *(str(r["loss"][step]) for r in results.values())])
 
 
 RUN_COLORS = {"adamw": "#7f7f7f", "global_clip": "#1f77b4", "aggc": "#d62728"}
