@@ -144,7 +144,7 @@ def plot_group_norms(
         ax.grid(True, alpha=0.3, lw=0.5)
         if log_scale:
             ax.set_yscale("log")
-        if i // ncols == nrows - 1 or i + ncols >= len(names):
+        if i + ncols >= len(names):  # the lowest panel of its column
             ax.set_xlabel("step", fontsize=9)
     for j in range(len(names), nrows * ncols):
         fig.delaxes(axes[j // ncols][j % ncols])
@@ -154,10 +154,20 @@ def plot_group_norms(
     ]
     if has_bounds:
         handles += [
-            Line2D([], [], color=_COLORS["upper"], ls="--", label="upper bound U"),
-            Line2D([], [], color=_COLORS["lower"], ls=":", label="lower bound L"),
+            Line2D(
+                [], [], color=_COLORS["upper"], ls="--", label="upper bound U (clip down above)"
+            ),
+            Line2D(
+                [],
+                [],
+                color=_COLORS["lower"],
+                ls=":",
+                label="lower bound L (raise below, if raise_small)",
+            ),
         ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
+    # One legend row on wide grids, two columns on narrow ones (so it fits the width).
+    legend_cols = len(handles) if ncols >= 3 else 2
+    fig.legend(handles=handles, loc="outside lower center", ncol=legend_cols, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=12)
     if path is not None:

@@ -337,7 +337,9 @@ def parse_fault_steps(text: str, total_steps: int) -> tuple[int, int] | None:
         ) from None
     if not 0 <= start < end:
         raise SystemExit(f"--fault-steps {text!r}: need 0 <= START < END")
-    return start, end
+    if start >= total_steps:
+        raise SystemExit(f"--fault-steps {text!r}: START must be below --steps ({total_steps})")
+    return start, min(end, total_steps)
 
 
 def _progress(total: int, quiet: bool) -> Any:
@@ -446,7 +448,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "loss": np.asarray(jax.device_get(run["loss"])),
             "before": np.asarray(jax.device_get(run["before"])),
             "after": np.asarray(jax.device_get(run["after"])),
-            "eval": [tuple(float(v) for v in e) for e in jax.device_get(run["eval"])],
+            "eval": [(s, float(v), float(a)) for s, v, a in jax.device_get(run["eval"])],
             "opt_state": run["opt_state"],
         }
     return {
@@ -582,6 +584,8 @@ def plot_clip_scales(out: dict[str, Any], path: str, fault_text: str) -> None:
         ax.set_title(label, fontsize=10)
         ax.tick_params(labelsize=8)
         ax.grid(True, which="both", alpha=0.3, lw=0.5)
+        if j + ncols >= len(labels):
+            ax.set_xlabel("step", fontsize=9)
     for j in range(len(labels), nrows * ncols):
         fig.delaxes(axes[j // ncols][j % ncols])
     handles, names = axes[0][0].get_legend_handles_labels()

@@ -147,17 +147,16 @@ def test_train_lm_helpers():
         train_lm.parse_fault_steps("5", 300)
     with pytest.raises(SystemExit, match="0 <= START < END"):
         train_lm.parse_fault_steps("9:5", 300)
+    with pytest.raises(SystemExit, match=r"START must be below --steps \(300\)"):
+        train_lm.parse_fault_steps("300:310", 300)
+    assert train_lm.parse_fault_steps("295:310", 300) == (295, 300)
 
 
 def test_train_lm_rejects_unknown_fault_group(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(EXAMPLES, "train_lm.py"), "--steps", "1",
-         "--fault-group", "wq", "--out", str(tmp_path), "--d-model", "16", "--layers", "1"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "--fault-group 'wq' is not a group" in proc.stderr
+    train_lm = _load_train_lm()
+    args = ["--steps", "1", "--d-model", "16", "--layers", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"--fault-group 'wq' is not a group; groups: .*v_proj"):
+        train_lm.main([*args, "--fault-group", "wq"])
 
 
 def test_linen_example_learns():

@@ -63,8 +63,8 @@ def test_draws_norm_before_after_and_bounds_from_csv(tmp_path):
     assert legend == [
         "norm before clipping",
         "norm after clipping",
-        "upper bound U",
-        "lower bound L",
+        "upper bound U (clip down above)",
+        "lower bound L (raise below, if raise_small)",
     ]
 
 
