@@ -658,8 +658,8 @@ def summarize(out: dict[str, Any], args: argparse.Namespace, fault_text: str) ->
             f"{_mean_other_scale(glob, labels, out['fault_group'], start, end):.3g}, AGGC "
             f"{_mean_other_scale(results['aggc'], labels, out['fault_group'], start, end):.3g}"
             " (1 = untouched). Global clipping shrinks every group to make room for the "
-            f"faulty one; AGGC rescales {out['fault_group']} against its own history and leaves "
-            "the others as they were.",
+            f"faulty one; AGGC rescales {out['fault_group']} against its own history and treats "
+            "the other groups as on any other step.",
         ]
     lines += [
         "",
