@@ -10,7 +10,8 @@ same initial weights under three optimizers:
   then AdamW.
 
 By default a burst of faulty gradients hits one module type (every layer's
-``v_proj`` gradient is multiplied by 100 for a few steps), so the spill-over of
+``v_proj`` gradient is multiplied by 100 on steps 10%-20% of the run; see
+``--fault-group``, ``--fault-scale``, ``--fault-steps``), so the spill-over of
 global clipping is visible: it shrinks *every* group's gradient to make room
 for the faulty one, while AGGC rescales each group against its own history.
 
@@ -695,7 +696,10 @@ def print_groups(info: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     parser.add_argument("--out", default=os.path.join("runs", "train_lm"), help="output folder")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -721,8 +725,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("steps", "batch_size", "seq_len", "d_model", "layers", "heads", "mlp_dim",
+                 "eval_batch"):  # fmt: skip
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.d_model % (2 * args.heads):
+        parser.error(
+            f"--d-model ({args.d_model}) must be a multiple of 2 x --heads ({args.heads}): "
+            "each head's width must be even for the rotary embedding"
+        )
+    if args.problems < 100:
+        parser.error(f"--problems must be >= 100, got {args.problems}")
 
     out = train(args)
     out["fault_group"] = args.fault_group

@@ -157,6 +157,10 @@ def test_train_lm_rejects_unknown_fault_group(tmp_path):
     args = ["--steps", "1", "--d-model", "16", "--layers", "1", "--out", str(tmp_path)]
     with pytest.raises(SystemExit, match=r"--fault-group 'wq' is not a group; groups: .*v_proj"):
         train_lm.main([*args, "--fault-group", "wq"])
+    for bad in (["--d-model", "30"], ["--steps", "0"], ["--heads", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train_lm.main(bad)
+        assert exit_info.value.code == 2  # argparse's usage error, before any training
 
 
 def test_linen_example_learns():
