@@ -18,6 +18,7 @@ from aggc_optax._labels import (
 from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
 from aggc_optax._schedule import linear_bounds_schedule
 from aggc_optax._stats import find_aggc_states, group_stats
+from aggc_optax.csv_log import CSVLogger, read_clip_csv, stats_rows
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "REFERENCE_DEFAULTS",
     "REFERENCE_TOKENS",
     "AGGCState",
+    "CSVLogger",
     "GroupLayout",
     "aggc",
     "describe_groups",
@@ -35,6 +37,8 @@ __all__ = [
     "lora_label",
     "path_name",
     "presets",
+    "read_clip_csv",
     "reference_label",
     "regex_labeler",
+    "stats_rows",
 ]

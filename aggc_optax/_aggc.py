@@ -221,18 +221,22 @@ def _build(config: _Config) -> optax.GradientTransformation:
         _warn_unmatched_group_hyperparams(config, layout)
         num_groups = layout.num_groups
         dtype = _stats_dtype()
-        zeros = jnp.zeros((num_groups,), dtype)
-        int_zeros = jnp.zeros((num_groups,), jnp.int32)
+
+        # A fresh buffer per field (no shared array): a state whose fields alias
+        # one buffer cannot be donated to a jitted update.
+        def zeros(dtype: Any = dtype) -> jax.Array:
+            return jnp.zeros((num_groups,), dtype)
+
         return AGGCState(
             count=jnp.zeros((), jnp.int32),
-            ema=zeros,
-            norm=zeros,
-            lower=zeros,
-            upper=zeros,
+            ema=zeros(),
+            norm=zeros(),
+            lower=zeros(),
+            upper=zeros(),
             scale=jnp.ones((num_groups,), dtype),
-            ema_count=int_zeros,
-            clip_down_count=int_zeros,
-            raise_count=int_zeros,
+            ema_count=zeros(jnp.int32),
+            clip_down_count=zeros(jnp.int32),
+            raise_count=zeros(jnp.int32),
             layout=layout,
         )
 
