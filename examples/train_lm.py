@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 import aggc_optax
+from aggc_optax.cli import add_aggc_arguments, aggc_from_args
 
 # ---------------------------------------------------------------------------
 # Data: arithmetic word problems, character level.
@@ -215,15 +216,14 @@ RUNS = ("adamw", "global_clip", "aggc")
 def build_aggc(args: argparse.Namespace, total_steps: int) -> optax.GradientTransformation:
     """The AGGC transformation of the ``aggc`` run, from the parsed flags.
 
-    The authors' LoRA SFT recipe (spec section 9): ``aggc()``'s defaults plus
-    its linear ramp of the multipliers (0.95 -> 0.98 and 0.6 -> 0.7, starting
-    at 40% of the run, over 30% of it).
+    With no AGGC flag: the authors' LoRA SFT recipe (spec section 9) with its
+    linear ramp of the multipliers (0.95 -> 0.98 and 0.6 -> 0.7, starting at
+    40% of the run, over 30% of it), and ``aggc()``'s safe ``nonfinite="skip"``
+    policy. The flags of :mod:`aggc_optax.cli` switch on every variant
+    (``--ema-init first``, ``--variant paper``, ``--bias-correction``,
+    ``--group-hparams``, ``--multiplier-schedule``, ``--aggc-preset``, ...).
     """
-    ramp = {"total_steps": total_steps, "switch_ratio": 0.4, "transition_ratio": 0.3}
-    return aggc_optax.aggc(
-        low_mult=aggc_optax.linear_bounds_schedule(0.95, 0.98, **ramp),
-        high_mult=aggc_optax.linear_bounds_schedule(0.6, 0.7, **ramp),
-    )
+    return aggc_from_args(args, total_steps)
 
 
 def build_clipper(run: str, args: argparse.Namespace) -> optax.GradientTransformation:
@@ -662,6 +662,10 @@ def summarize(out: dict[str, Any], args: argparse.Namespace, fault_text: str) ->
             f"faulty one; AGGC rescales {out['fault_group']} against its own history and treats "
             "the other groups as on any other step.",
         ]
+    if getattr(args, "aggc_changed", None):
+        flags = ", ".join(f"{flag} {value}" for flag, value in args.aggc_changed.items())
+        lines += ["", f"AGGC flags changed from the LoRA SFT recipe: {flags}."]
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         "Note: the recipe's interval is inverted (alpha_low 0.95 > alpha_high 0.6) and its "
@@ -724,7 +728,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="START:END (END exclusive), 'auto' (steps 10%%-20%% of the run) or 'none'",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    aggc_flags = add_aggc_arguments(parser)
+    # The main job shows aggc()'s own default fault policy; --nonfinite reference
+    # gives the authors' clipper exactly.
+    parser.set_defaults(nonfinite="skip")
     args = parser.parse_args(argv)
+    args.aggc_changed = {
+        action.option_strings[0]: getattr(args, action.dest)
+        for action in aggc_flags._group_actions
+        if getattr(args, action.dest) != parser.get_default(action.dest)
+    }
     for flag in ("steps", "batch_size", "seq_len", "d_model", "layers", "heads", "mlp_dim",
                  "eval_batch"):  # fmt: skip
         if getattr(args, flag) < 1:

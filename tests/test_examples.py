@@ -185,3 +185,23 @@ def test_lora_example_trains_only_adapters(tmp_path):
     clip = _read_csv(tmp_path / "per_module_clip.csv")
     assert [r["module"] for r in clip[:7]] == PROJECTIONS
     assert len(clip) == 30 * 7
+
+
+def test_train_lm_switches_aggc_variants_from_the_command_line(tmp_path):
+    # --ema-init first with --variant paper and no caps: the EMA starts at the
+    # first norm, so step 0 already has bounds [0.5, 2] x norm_0 around the norm
+    # (nothing clipped), unlike the recipe, whose zero EMA gives upper = 0.
+    out = tmp_path / "variant"
+    proc = _run(
+        "train_lm.py", *TRAIN_LM_TINY, "--out", str(out), "--quiet",
+        "--aggc-preset", "default", "--ema-init", "first", "--variant", "paper",
+        "--low-mult", "0.5", "--high-mult", "2.0", "--max-down-scale", "0",
+    )  # fmt: skip
+    assert "--variant paper" in proc.stdout and "--ema-init first" in proc.stdout
+    rows = [r for r in _read_csv(out / "per_module_clip.csv") if r["step"] == "0"]
+    assert rows, "no step-0 rows"
+    for r in rows:
+        norm = float(r["norm"])
+        assert float(r["upper"]) == pytest.approx(2.0 * norm, rel=1e-5)
+        assert float(r["lower"]) == pytest.approx(max(0.01, 0.5 * norm), rel=1e-5)
+        assert float(r["scale"]) == 1.0
