@@ -112,11 +112,22 @@ def _check_leaf_dtype(name: str, leaf: Any) -> None:
         )
 
 
-def _group_values(config: _Config, layout: GroupLayout, field: str, count: jax.Array) -> Any:
-    """A hyperparameter's value at step ``count``: a scalar, or a ``[G]`` vector."""
+def _group_values(
+    config: _Config,
+    layout: GroupLayout,
+    field: str,
+    count: jax.Array,
+    transform: Callable[[Any], Any] | None = None,
+) -> Any:
+    """A hyperparameter's value at step ``count``: a scalar, or a ``[G]`` vector.
+
+    ``transform`` is applied to each value before it becomes an array, so that a
+    Python float is transformed in float64 (see ``1 - ema_beta``).
+    """
 
     def evaluate(value: Any) -> Any:
-        return value(count) if callable(value) else value
+        value = value(count) if callable(value) else value
+        return value if transform is None else transform(value)
 
     default = config.hyper[field]
     if not config.group_hyperparams:
@@ -151,6 +162,11 @@ def _group_step(
         return jnp.asarray(_group_values(config, layout, field, t), dtype)
 
     beta, low, high = hp("ema_beta"), hp("low_mult"), hp("high_mult")
+    # 1 - beta from the Python float: rounding beta = 0.999 to float32 first
+    # would put a 1.3e-5 relative error into every EMA update.
+    one_minus_beta = jnp.asarray(
+        _group_values(config, layout, "ema_beta", t, transform=lambda b: 1 - b), dtype
+    )
     min_norm, max_norm = hp("min_norm"), hp("max_norm")
     up_cap, down_cap = hp("max_up_scale"), hp("max_down_scale")
     raise_small = jnp.asarray(_group_values(config, layout, "raise_small", t), bool)
@@ -166,7 +182,7 @@ def _group_step(
         ema = jnp.where((state.ema_count == 0) & taken, norm, ema)
     if config.variant == "paper":
         # Paper eq. 2-4: the EMA of raw norms, including this step, sets the bounds.
-        ema_with_step = jnp.where(taken, beta * ema + (1 - beta) * norm, ema)
+        ema_with_step = jnp.where(taken, beta * ema + one_minus_beta * norm, ema)
         stat, updates_in_stat = ema_with_step, state.ema_count + taken
     else:
         stat, updates_in_stat = ema, state.ema_count
@@ -193,7 +209,7 @@ def _group_step(
     if config.variant == "paper":
         new_ema = ema_with_step
     else:
-        new_ema = jnp.where(taken, beta * ema + (1 - beta) * norm * scale, ema)
+        new_ema = jnp.where(taken, beta * ema + one_minus_beta * norm * scale, ema)
     new_ema_count = state.ema_count + taken.astype(state.ema_count.dtype)
     return scale, lower, upper, new_ema, new_ema_count, down, raised
 

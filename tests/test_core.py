@@ -379,3 +379,11 @@ def test_reported_state_dtypes_and_shapes() -> None:
     chex.assert_type([state.ema, state.scale], jnp.float32)
     chex.assert_type([state.count, state.clip_down_count, state.raise_count], jnp.int32)
     assert aggc_optax.AGGCState._fields[-1] == "layout"
+
+
+def test_ema_uses_one_minus_beta_computed_before_rounding() -> None:
+    # beta = 0.999: float32(0.999) is off by 1.3e-8, so 1 - float32(beta) would be
+    # off by 1.3e-5 relative; the spec computes 1 - beta in float64.
+    g = {Q: jnp.array([3.0, 4.0])}
+    (_, stats), *_ = _run(aggc(**dict(PLAIN, ema_beta=0.999)), [g])[0]
+    assert float(stats["q_proj"]["ema"]) == pytest.approx(0.001 * 5.0, rel=1e-6)
