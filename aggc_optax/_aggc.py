@@ -41,6 +41,8 @@ class AGGCState(NamedTuple):
     Attributes:
       count: number of updates so far (the 0-based step of the next update).
       ema: each group's EMA of its (post-clip, by default) gradient norm.
+      ema_residual: the rounding error of ``ema`` (the EMA is ``ema + ema_residual``
+        to twice the state's precision), so a float32 EMA does not stall.
       norm: each group's pre-clip norm at the last step.
       lower: each group's lower bound at the last step.
       upper: each group's upper bound at the last step.
@@ -54,6 +56,7 @@ class AGGCState(NamedTuple):
 
     count: jax.Array
     ema: jax.Array
+    ema_residual: jax.Array
     norm: jax.Array
     lower: jax.Array
     upper: jax.Array
@@ -148,6 +151,31 @@ def _resolve_group_field(config: _Config, label: str, field: str) -> Any:
     return config.hyper[field]
 
 
+def _ema_step(
+    ema: jax.Array,
+    residual: jax.Array,
+    beta: jax.Array,
+    one_minus_beta: jax.Array,
+    x: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``beta * ema + (1 - beta) * x`` on the unevaluated sum ``ema + residual``.
+
+    A float32 EMA stalls once its increment drops below half an ulp: at
+    ``beta = 0.999`` it can stay ``2**-24 / (1 - beta)``, about 6e-5 relative,
+    away from the float64 recurrence of the reference. Carrying the rounding
+    error of each update in ``residual`` (an exact TwoSum) keeps the EMA within
+    float32 rounding of it. Non-finite values take the plain formula, so NaN and
+    inf propagate exactly as in the reference (spec 8.3).
+    """
+    plain = beta * ema + one_minus_beta * x
+    delta = one_minus_beta * (x - ema) + beta * residual
+    total = ema + delta
+    delta_part = total - ema
+    error = (ema - (total - delta_part)) + (delta - delta_part)
+    compensated = jnp.isfinite(plain) & jnp.isfinite(total) & jnp.isfinite(error)
+    return jnp.where(compensated, total, plain), jnp.where(compensated, error, 0.0)
+
+
 def _group_step(
     config: _Config,
     layout: GroupLayout,
@@ -177,12 +205,15 @@ def _group_step(
     else:
         taken = jnp.isfinite(norm)
 
-    ema = state.ema
+    ema, residual = state.ema, state.ema_residual
     if config.ema_init == "first":
-        ema = jnp.where((state.ema_count == 0) & taken, norm, ema)
+        first = (state.ema_count == 0) & taken
+        ema, residual = jnp.where(first, norm, ema), jnp.where(first, 0.0, residual)
     if config.variant == "paper":
         # Paper eq. 2-4: the EMA of raw norms, including this step, sets the bounds.
-        ema_with_step = jnp.where(taken, beta * ema + one_minus_beta * norm, ema)
+        stepped, stepped_residual = _ema_step(ema, residual, beta, one_minus_beta, norm)
+        ema_with_step = jnp.where(taken, stepped, ema)
+        residual_with_step = jnp.where(taken, stepped_residual, residual)
         stat, updates_in_stat = ema_with_step, state.ema_count + taken
     else:
         stat, updates_in_stat = ema, state.ema_count
@@ -207,11 +238,14 @@ def _group_step(
     scale = jnp.where(down, down_scale, jnp.where(raised, up_scale, one))
 
     if config.variant == "paper":
-        new_ema = ema_with_step
+        new_ema, new_residual = ema_with_step, residual_with_step
     else:
-        new_ema = jnp.where(taken, beta * ema + one_minus_beta * norm * scale, ema)
+        # The reference feeds the EMA the intended post-clip norm.
+        stepped, stepped_residual = _ema_step(ema, residual, beta, one_minus_beta, norm * scale)
+        new_ema = jnp.where(taken, stepped, ema)
+        new_residual = jnp.where(taken, stepped_residual, residual)
     new_ema_count = state.ema_count + taken.astype(state.ema_count.dtype)
-    return scale, lower, upper, new_ema, new_ema_count, down, raised
+    return scale, lower, upper, new_ema, new_residual, new_ema_count, down, raised
 
 
 def _build(config: _Config) -> optax.GradientTransformation:
@@ -246,6 +280,7 @@ def _build(config: _Config) -> optax.GradientTransformation:
         return AGGCState(
             count=jnp.zeros((), jnp.int32),
             ema=zeros(),
+            ema_residual=zeros(),
             norm=zeros(),
             lower=zeros(),
             upper=zeros(),
@@ -287,7 +322,9 @@ def _build(config: _Config) -> optax.GradientTransformation:
             sums = reduce(sums, config.axis_name)
         norm = jnp.sqrt(sums + NORM_FLOOR)
 
-        scale, lower, upper, ema, ema_count, down, raised = _group_step(config, layout, norm, state)
+        scale, lower, upper, ema, ema_residual, ema_count, down, raised = _group_step(
+            config, layout, norm, state
+        )
 
         new_leaves = []
         for group, leaf in zip(layout.leaf_groups, leaves):
@@ -301,6 +338,7 @@ def _build(config: _Config) -> optax.GradientTransformation:
         new_state = AGGCState(
             count=count,
             ema=ema,
+            ema_residual=ema_residual,
             norm=norm,
             lower=lower,
             upper=upper,

@@ -162,7 +162,7 @@ class CSVLogger:
       >>> print(open(os.path.join(folder, "per_module_clip.csv")).read().strip())
       step,module,norm,lower,upper,scale
       0,q_proj,2.0,0.01,0.0,1.0
-      1,q_proj,2.0,0.0950...,0.0600...,0.9
+      1,q_proj,2.0,0.095...,0.060...,0.9
     """
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool = False):

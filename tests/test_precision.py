@@ -272,7 +272,8 @@ def test_100k_steps_under_scan_track_the_float64_model(
     assert int(model["ties"]) <= 20  # out of 400,000 group-steps
 
     rel = np.abs(ema - model["ema"]) / np.abs(model["ema"])
-    bound = 1e-5 if c["ema_beta"] <= 0.99 else 2.0**-23 / (1 - c["ema_beta"])
+    # the bound, for every beta: the compensated EMA does not stall
+    bound = 1e-5
     print(f"{config}: max relative EMA error {rel.max():.2e}, ties {int(model['ties'])}")
     assert rel.max() < bound, (config, rel.max(axis=0))
     np.testing.assert_allclose(scale, model["scale"], rtol=2 * bound)
