@@ -98,6 +98,10 @@ def test_torch_comparison_ran_or_says_why(quick_run):
         assert torch_part["speedup"] == pytest.approx(
             torch_part["reference_cost_s"] / torch_part["aggc_update_median_s"]
         )
+        in_step = torch_part["speedup_in_step"]
+        assert in_step is None or in_step == pytest.approx(
+            torch_part["reference_cost_s"] / result["sizes"][0]["aggc_cost_s"]
+        )
 
 
 def test_goals_are_evaluated(quick_run):
