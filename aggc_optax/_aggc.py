@@ -248,6 +248,31 @@ def _group_step(
     return scale, lower, upper, new_ema, new_residual, new_ema_count, down, raised
 
 
+def _per_group_scalars(values: jax.Array) -> list[jax.Array]:
+    """``values[g]`` for every group ``g``, each as a scalar of its own.
+
+    A plain ``values[g]`` is a static slice, which XLA fuses into every
+    consumer: each leaf's update kernel would then embed its group's index, so
+    leaves of one shape would need one compiled kernel per group (XLA compiles
+    one kernel per distinct fused computation) and compile time would grow with
+    the number of groups, to 4x a global-norm clip's with one group per leaf.
+    The max of a pair of neighbours with the other one masked to ``-inf`` is
+    exact (``max(v, -inf) == v``, NaN and inf included) and, being a
+    reduction, is not fused into an elementwise consumer: leaves of one shape
+    share one kernel whatever their group, as under a global-norm clip, and the
+    extraction costs one tiny kernel per group.
+    """
+    num_groups = values.shape[0]
+    if num_groups == 1:
+        return [values[0]]
+    out = []
+    for g in range(num_groups):
+        start = min(g, num_groups - 2)
+        pair = values[start : start + 2]
+        out.append(jnp.max(jnp.where(jnp.arange(2) == g - start, pair, -jnp.inf)))
+    return out
+
+
 def _build(config: _Config) -> optax.GradientTransformation:
     def init_fn(params: optax.Params) -> AGGCState:
         layout = _labels.build_layout(params, config.param_labels)
@@ -306,17 +331,20 @@ def _build(config: _Config) -> optax.GradientTransformation:
             return updates, state._replace(count=count)
 
         dtype = _stats_dtype()
-        group_ids, squares = [], []
+        # Each group's sum of squares is a chain of scalar adds in leaf order:
+        # the same result as a segment_sum (a scatter-add into zeros) on CPU, but
+        # no [leaves] buffer and no scatter, which compiles to a serial loop
+        # (atomics on GPU, whose order is not fixed).
+        group_sums: list[jax.Array | None] = [None] * layout.num_groups
         for name, group, leaf in zip(names, layout.leaf_groups, leaves):
             if group < 0:
                 continue
             _check_leaf_dtype(name, leaf)
             x = leaf.astype(_compute_dtype(leaf.dtype))
-            squares.append(jnp.sum(jnp.square(x)).astype(dtype))
-            group_ids.append(group)
-        sums = jax.ops.segment_sum(
-            jnp.stack(squares), jnp.asarray(group_ids, jnp.int32), num_segments=layout.num_groups
-        )
+            square = jnp.sum(jnp.square(x)).astype(dtype)
+            total = group_sums[group]
+            group_sums[group] = square if total is None else total + square
+        sums = jnp.stack([jnp.zeros((), dtype) if s is None else s for s in group_sums])
         if config.axis_name is not None:
             reduce = jax.lax.psum if config.axis_reduction == "sum" else jax.lax.pmean
             sums = reduce(sums, config.axis_name)
@@ -326,13 +354,14 @@ def _build(config: _Config) -> optax.GradientTransformation:
             config, layout, norm, state
         )
 
+        group_scale = _per_group_scalars(scale)
         new_leaves = []
         for group, leaf in zip(layout.leaf_groups, leaves):
             if group < 0:
                 new_leaves.append(leaf)
                 continue
             op_dtype = _compute_dtype(leaf.dtype)
-            factor = scale[group].astype(op_dtype)
+            factor = group_scale[group].astype(op_dtype)
             new_leaves.append((leaf.astype(op_dtype) * factor).astype(leaf.dtype))
 
         new_state = AGGCState(
