@@ -1421,7 +1421,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per size (30)")
     p.add_argument("--torch-repeats", type=int, default=None, help="timed torch rounds (20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (3)")
-    p.add_argument("--compile-repeats", type=int, default=None, help="cold compiles, best kept (3)")
+    p.add_argument("--compile-repeats", type=int, default=None, help="cold compiles, best kept (5)")
     p.add_argument(
         "--scaling-leaves",
         type=_csv(str),
@@ -1454,7 +1454,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "repeats": 5 if quick else 30,
         "torch_repeats": 5 if quick else 20,
         "warmup": 2 if quick else 3,
-        "compile_repeats": 1 if quick else 3,
+        "compile_repeats": 1 if quick else 5,
         "scaling_repeats": 5 if quick else 30,
         "scaling_compile_repeats": 1 if quick else 2,
         "group_leaves": 48 if quick else 500,
