@@ -3,9 +3,10 @@
 One command measures, on LLaMA-shaped parameter trees with Hugging Face names:
 
 1. the step time of one jitted training update (``optax.chain(aggc, optax.adamw)``,
-   ``optax.chain(optax.clip_by_global_norm, optax.adamw)`` and plain
-   ``optax.adamw``), run alternately (the order rotates every round) after a
-   warm-up, params and optimizer state donated; medians, the ratio of the two
+   ``optax.chain(optax.clip_by_global_norm, optax.adamw)``, plain ``optax.adamw``
+   and, as a stricter baseline, a global clip written as one scalar factor,
+   :func:`fused_global_clip`), run alternately (the order rotates every round)
+   after a warm-up, params and optimizer state donated; medians, the ratio of the
    clipped updates and the median of the per-round ratios, all from the same run;
 2. the XLA compile time of each update (cold: JAX's caches are cleared before
    every compile) and XLA's compiled temporary memory (``memory_analysis()``);
@@ -26,9 +27,9 @@ Usage::
     python examples/benchmark.py                    # the full CPU run
     python examples/benchmark.py --device gpu       # on a visible CUDA GPU
 
-The three updates share one set of parameters and one AdamW state: each call
+The updates share one set of parameters and one AdamW state: each call
 consumes (donates) them and hands the results to the next call, so memory holds
-one model, not three. Each call is still exactly one full update of its own
+one model, not four. Each call is still exactly one full update of its own
 optimizer; only the numbers it starts from differ, which does not change its cost.
 """
 
@@ -371,9 +372,9 @@ def run_updates(
     _block((params, grads))
     keys = list(variants)
     txs = {k: _make_tx(*variants[k]) for k in keys}
-    # Fresh buffers: init may hand out one cached zeros array for several
-    # leaves, and a buffer cannot be donated twice in one call.
-    adam_state = _fresh(optax.adamw(1e-4).init(params))
+    # Fresh copies, so that no two state leaves can share a buffer: a buffer
+    # cannot be donated twice in one call.
+    adam_state = _fresh(_make_tx("adamw").init(params))
     clip_states: dict[str, Any] = {}
     for k in keys:
         method = variants[k][0]
@@ -524,8 +525,8 @@ def run_torch(
             p.grad = None
         torch.autograd.backward(params, grad_tensors=fixed)
 
-    backward(ref_params)
-    if any(p.grad.data_ptr() == g.data_ptr() for p, g in zip(ref_params, fixed)):
+    backward(base_params)  # the module without hooks: the clipper's sums stay clean
+    if any(p.grad.data_ptr() == g.data_ptr() for p, g in zip(base_params, fixed)):
         raise RuntimeError("torch reused a fixed gradient as .grad; the clipper would edit it")
 
     # The JAX side: the same gradients, as a flat dict with the same names.
@@ -1504,8 +1505,13 @@ def _setup_device(kind: str) -> dict[str, Any]:
         jax.config.update("jax_platforms", "cpu")
     try:
         devices = jax.devices()
-    except RuntimeError as err:
-        raise SystemExit(f"benchmark: no {kind} device visible to JAX: {err}") from None
+    except (RuntimeError, AssertionError) as err:  # jax raises either, by version
+        hint = (
+            " (a CUDA build of jaxlib is needed, see JAX's install guide)" if kind == "gpu" else ""
+        )
+        raise SystemExit(
+            f"benchmark: --device {kind}, but JAX sees no such device{hint}: {err!r}"
+        ) from None
     d = devices[0]
     return {"kind": kind, "description": f"{d.platform}: {d.device_kind}", "count": len(devices)}
 
