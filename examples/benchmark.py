@@ -143,7 +143,7 @@ class LoraShape:
 
     Every ``q/k/v/o/gate/up/down_proj`` of every layer gets ``lora_A``
     (``[rank, in]``) and ``lora_B`` (``[out, rank]``): the parameters the
-    authors' LoRA SFT recipe trains and clips.
+    authors' LoRA recipe trains and clips.
     """
 
     base: LlamaShape
@@ -177,7 +177,8 @@ SIZES: dict[str, LlamaShape | LoraShape] = {
     # TinyLlama-1.1B and LLaMA-2-7B.
     "1.1b": LlamaShape(hidden=2048, layers=22, intermediate=5632, vocab=32000, kv_dim=256),
     "7b": _LLAMA2_7B,
-    # The authors' headline setting: rank-16 LoRA on a 7B model (448 small leaves).
+    # LoRA on a 7B model, as in the paper's experiments (ranks 1-128; here 16):
+    # 448 small leaves.
     "lora-7b": LoraShape(base=_LLAMA2_7B, rank=16),
 }
 DEFAULT_SIZES = {
