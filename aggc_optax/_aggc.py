@@ -331,10 +331,10 @@ def _build(config: _Config) -> optax.GradientTransformation:
             return updates, state._replace(count=count)
 
         dtype = _stats_dtype()
-        # Each group's sum of squares is a chain of scalar adds in leaf order:
-        # the same result as a segment_sum (a scatter-add into zeros) on CPU, but
-        # no [leaves] buffer and no scatter, which compiles to a serial loop
-        # (atomics on GPU, whose order is not fixed).
+        # Each group's sum of squares is a chain of scalar adds in leaf order, as
+        # the reference accumulates its per-tensor sums in Python floats; no
+        # [leaves] buffer and no scatter-add (a serial loop on CPU, atomics in
+        # no fixed order on GPU).
         group_sums: list[jax.Array | None] = [None] * layout.num_groups
         for name, group, leaf in zip(names, layout.leaf_groups, leaves):
             if group < 0:

@@ -3,9 +3,10 @@
 One command measures, on LLaMA-shaped parameter trees with Hugging Face names:
 
 1. the step time of one jitted training update (``optax.chain(aggc, optax.adamw)``,
-   ``optax.chain(optax.clip_by_global_norm, optax.adamw)`` and plain
-   ``optax.adamw``), run alternately (the order rotates every round) after a
-   warm-up, params and optimizer state donated; medians, the ratio of the two
+   ``optax.chain(optax.clip_by_global_norm, optax.adamw)``, plain ``optax.adamw``
+   and, as a stricter baseline, a global clip written as one scalar factor,
+   :func:`fused_global_clip`), run alternately (the order rotates every round)
+   after a warm-up, params and optimizer state donated; medians, the ratio of the
    clipped updates and the median of the per-round ratios, all from the same run;
 2. the XLA compile time of each update (cold: JAX's caches are cleared before
    every compile) and XLA's compiled temporary memory (``memory_analysis()``);
@@ -26,9 +27,9 @@ Usage::
     python examples/benchmark.py                    # the full CPU run
     python examples/benchmark.py --device gpu       # on a visible CUDA GPU
 
-The three updates share one set of parameters and one AdamW state: each call
+The updates share one set of parameters and one AdamW state: each call
 consumes (donates) them and hands the results to the next call, so memory holds
-one model, not three. Each call is still exactly one full update of its own
+one model, not four. Each call is still exactly one full update of its own
 optimizer; only the numbers it starts from differ, which does not change its cost.
 """
 
@@ -142,7 +143,7 @@ class LoraShape:
 
     Every ``q/k/v/o/gate/up/down_proj`` of every layer gets ``lora_A``
     (``[rank, in]``) and ``lora_B`` (``[out, rank]``): the parameters the
-    authors' LoRA SFT recipe trains and clips.
+    authors' LoRA recipe trains and clips.
     """
 
     base: LlamaShape
@@ -176,7 +177,8 @@ SIZES: dict[str, LlamaShape | LoraShape] = {
     # TinyLlama-1.1B and LLaMA-2-7B.
     "1.1b": LlamaShape(hidden=2048, layers=22, intermediate=5632, vocab=32000, kv_dim=256),
     "7b": _LLAMA2_7B,
-    # The authors' headline setting: rank-16 LoRA on a 7B model (448 small leaves).
+    # LoRA on a 7B model, as in the paper's experiments (ranks 1-128; here 16):
+    # 448 small leaves.
     "lora-7b": LoraShape(base=_LLAMA2_7B, rank=16),
 }
 DEFAULT_SIZES = {
@@ -371,9 +373,9 @@ def run_updates(
     _block((params, grads))
     keys = list(variants)
     txs = {k: _make_tx(*variants[k]) for k in keys}
-    # Fresh buffers: init may hand out one cached zeros array for several
-    # leaves, and a buffer cannot be donated twice in one call.
-    adam_state = _fresh(optax.adamw(1e-4).init(params))
+    # Fresh copies, so that no two state leaves can share a buffer: a buffer
+    # cannot be donated twice in one call.
+    adam_state = _fresh(_make_tx("adamw").init(params))
     clip_states: dict[str, Any] = {}
     for k in keys:
         method = variants[k][0]
@@ -524,8 +526,8 @@ def run_torch(
             p.grad = None
         torch.autograd.backward(params, grad_tensors=fixed)
 
-    backward(ref_params)
-    if any(p.grad.data_ptr() == g.data_ptr() for p, g in zip(ref_params, fixed)):
+    backward(base_params)  # the module without hooks: the clipper's sums stay clean
+    if any(p.grad.data_ptr() == g.data_ptr() for p, g in zip(base_params, fixed)):
         raise RuntimeError("torch reused a fixed gradient as .grad; the clipper would edit it")
 
     # The JAX side: the same gradients, as a flat dict with the same names.
@@ -864,64 +866,68 @@ def _goal(name: str, measured: str, threshold: str, met: bool | None, detail: st
     }
 
 
+def _bound_goal(
+    name: str,
+    items: Sequence[tuple[str, float, str]],
+    limit: float,
+    *,
+    at_least: bool = False,
+    fmt: str = "{:.3f}",
+    note: str = "",
+) -> dict:
+    """A goal met when every ``(label, value, remark)`` item is within ``limit``."""
+    measured = ", ".join(f"{label}: {fmt.format(v)}{remark}" for label, v, remark in items)
+    met = None
+    if items:
+        met = all((v >= limit) if at_least else (v <= limit) for _, v, _ in items)
+    threshold = f">= {fmt.format(limit)}" if at_least else f"<= {limit}"
+    return _goal(name, measured or "-", threshold, met, note)
+
+
 def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     device = result["device"]["kind"]
     sizes = [r for r in result["sizes"] if "updates" in r]
     leaves = result.get("leaf_scaling") or []
     goals = []
 
-    if sizes:
-        worst = max(sizes, key=lambda r: r["step_ratio"])
-        goals.append(
-            _goal(
-                "step time: aggc+adamw / global+adamw, every size",
-                ", ".join(
-                    f"{r['size']}: {r['step_ratio']:.3f} (paired {r['step_ratio_paired']:.3f})"
-                    for r in sizes
-                ),
-                f"<= {STEP_RATIO_GOAL}",
-                all(r["step_ratio"] <= STEP_RATIO_GOAL for r in sizes),
-                f"worst: {worst['size']}",
-            )
-        )
-        goals.append(
-            _goal(
-                "(stricter, not in the issue) aggc+adamw / fused global clip+adamw",
-                ", ".join(
-                    f"{r['size']}: {r['step_ratio_fused']:.3f} "
-                    f"(paired {r['step_ratio_fused_paired']:.3f})"
-                    for r in sizes
-                ),
-                f"<= {STEP_RATIO_GOAL}",
-                all(r["step_ratio_fused"] <= STEP_RATIO_GOAL for r in sizes),
-            )
-        )
-        temp_rows = [r for r in sizes if "temp_excess_bytes" in r]
-        goals.append(
-            _goal(
-                "compiled temporary memory: aggc - global",
-                ", ".join(
-                    f"{r['size']}: {r['temp_excess_bytes'] / MIB:+.3f} MiB" for r in temp_rows
-                )
-                or "unavailable",
-                "<= +1 MiB",
-                all(r["temp_excess_bytes"] <= TEMP_SLACK_BYTES for r in temp_rows)
-                if temp_rows
-                else None,
-            )
-        )
-    else:
-        goals.append(_goal("step time ratio", "-", f"<= {STEP_RATIO_GOAL}", None))
+    def paired(r: dict[str, Any], key: str) -> str:
+        return f" (paired {r[key]:.3f})"
 
-    compile_rows = [(r["size"], r["compile_ratio"]) for r in sizes]
-    compile_rows += [(f"{r['leaves']} leaves", r["compile_ratio"]) for r in leaves]
+    worst = max(sizes, key=lambda r: r["step_ratio"])["size"] if sizes else "-"
     goals.append(
-        _goal(
+        _bound_goal(
+            "step time: aggc+adamw / global+adamw, every size",
+            [(r["size"], r["step_ratio"], paired(r, "step_ratio_paired")) for r in sizes],
+            STEP_RATIO_GOAL,
+            note=f"worst: {worst}",
+        )
+    )
+    goals.append(
+        _bound_goal(
+            "(stricter, not in the issue) aggc+adamw / fused global clip+adamw",
+            [
+                (r["size"], r["step_ratio_fused"], paired(r, "step_ratio_fused_paired"))
+                for r in sizes
+            ],
+            STEP_RATIO_GOAL,
+        )
+    )
+    temp_rows = [r for r in sizes if "temp_excess_bytes" in r]
+    goals.append(
+        _bound_goal(
+            "compiled temporary memory: aggc - global, MiB",
+            [(r["size"], r["temp_excess_bytes"] / MIB, "") for r in temp_rows],
+            TEMP_SLACK_BYTES / MIB,
+            fmt="{:+.3f}",
+        )
+    )
+    goals.append(
+        _bound_goal(
             "compile time: aggc / global",
-            ", ".join(f"{k}: {v:.3f}" for k, v in compile_rows) or "-",
-            f"<= {COMPILE_RATIO_GOAL}",
-            all(v <= COMPILE_RATIO_GOAL for _, v in compile_rows) if compile_rows else None,
-            "" if any(r["leaves"] >= 2000 for r in leaves) else "no run at 2,000 leaves",
+            [(r["size"], r["compile_ratio"], "") for r in sizes]
+            + [(f"{r['leaves']} leaves", r["compile_ratio"], "") for r in leaves],
+            COMPILE_RATIO_GOAL,
+            note="" if any(r["leaves"] >= 2000 for r in leaves) else "no run at 2,000 leaves",
         )
     )
 
@@ -929,75 +935,74 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     skipped = [r["torch"]["skipped"] for r in sizes if "skipped" in r.get("torch", {})]
     want = TORCH_SPEEDUP_GOAL[device]
     goals.append(
-        _goal(
+        _bound_goal(
             f"speed-up over the PyTorch reference clipper, aggc_optax update alone ({device})",
-            ", ".join(f"{r['size']}: {r['torch']['speedup']:.1f}x" for r in torch_rows) or "-",
-            f">= {want}x",
-            all(r["torch"]["speedup"] >= want for r in torch_rows) if torch_rows else None,
-            skipped[0] if skipped and not torch_rows else "",
+            [(r["size"], r["torch"]["speedup"], "") for r in torch_rows],
+            want,
+            at_least=True,
+            fmt="{:.1f}x",
+            note=skipped[0] if skipped and not torch_rows else "",
         )
     )
     in_step = [r for r in torch_rows if r["torch"].get("speedup_in_step") is not None]
     goals.append(
-        _goal(
+        _bound_goal(
             "(in a training step) speed-up over the reference: its cost / AGGC's cost "
             f"inside aggc+adamw ({device})",
-            ", ".join(f"{r['size']}: {_times(r['torch']['speedup_in_step'])}" for r in in_step)
-            or "-",
-            f">= {want}x",
-            all(r["torch"]["speedup_in_step"] >= want for r in in_step) if in_step else None,
-            "" if len(in_step) == len(torch_rows) else "AGGC's cost in the step was lost in noise",
+            [(r["size"], r["torch"]["speedup_in_step"], "") for r in in_step],
+            want,
+            at_least=True,
+            fmt="{:.1f}x",
+            note=""
+            if len(in_step) == len(torch_rows)
+            else "AGGC's cost in the step was lost in noise",
         )
     )
 
-    floor_met = None
-    if device == "gpu" and sizes:
-        floor_met = all(r["aggc_cost_over_read"] <= FLOOR_RATIO_GOAL for r in sizes)
-    goals.append(
-        _goal(
-            "clip cost (aggc+adamw - adamw) / one read of the gradients",
-            ", ".join(f"{r['size']}: {r['aggc_cost_over_read']:.2f}" for r in sizes) or "-",
-            f"<= {FLOOR_RATIO_GOAL} (GPU goal)",
-            floor_met,
-            "" if device == "gpu" else "a GPU goal; CPU values are for information",
-        )
+    floor = _bound_goal(
+        "clip cost (aggc+adamw - adamw) / one read of the gradients",
+        [(r["size"], r["aggc_cost_over_read"], "") for r in sizes],
+        FLOOR_RATIO_GOAL,
+        fmt="{:.2f}",
     )
+    if device != "gpu":  # the goal is about a GPU's bandwidth
+        floor.update(status="not measured", detail="a GPU goal; CPU values are for information")
+    goals.append(floor)
 
     if len(leaves) >= 2:
-        fit_step = _linear_fit(
+        fit = _linear_fit(
             [r["leaves"] for r in leaves], [r["step_median_s"]["aggc"] for r in leaves]
         )
-        ratios = [r["step_ratio"] for r in leaves]
-        goals.append(
-            _goal(
-                "step time linear in leaves (aggc/global flat)",
-                f"R^2 {fit_step['r2']:.4f}; aggc/global "
-                + ", ".join(f"{r['leaves']}: {r['step_ratio']:.3f}" for r in leaves),
-                f"R^2 >= 0.98 and every ratio <= {STEP_RATIO_GOAL}",
-                fit_step["r2"] >= 0.98 and max(ratios) <= STEP_RATIO_GOAL,
-            )
+        goal = _bound_goal(
+            f"step time linear in leaves (R^2 {fit['r2']:.4f} >= 0.98) and aggc/global flat",
+            [(f"{r['leaves']} leaves", r["step_ratio"], "") for r in leaves],
+            STEP_RATIO_GOAL,
         )
+        if fit["r2"] < 0.98:
+            goal["status"] = "MISSED"
+        goals.append(goal)
     groups = result.get("group_scaling")
     if groups:
         rows = groups["rows"]
         goals.append(
-            _goal(
+            _bound_goal(
                 "step time flat in groups: aggc+adamw / global+adamw per label set",
-                ", ".join(f"{r['groups']} groups: {r['step_ratio']:.3f}" for r in rows),
-                f"<= {STEP_RATIO_GOAL}",
-                all(r["step_ratio"] <= STEP_RATIO_GOAL for r in rows),
+                [(f"{r['groups']} groups", r["step_ratio"], "") for r in rows],
+                STEP_RATIO_GOAL,
             )
         )
         goals.append(
-            _goal(
+            _bound_goal(
                 "compile time flat in groups: aggc / global per label set",
-                ", ".join(
-                    f"{r['groups']} groups: {r['compile_ratio']:.3f} "
-                    f"(CPU {r['compile_cpu_ratio']:.3f})"
+                [
+                    (
+                        f"{r['groups']} groups",
+                        r["compile_ratio"],
+                        f" (CPU {r['compile_cpu_ratio']:.3f})",
+                    )
                     for r in rows
-                ),
-                f"<= {COMPILE_RATIO_GOAL}",
-                all(r["compile_ratio"] <= COMPILE_RATIO_GOAL for r in rows),
+                ],
+                COMPILE_RATIO_GOAL,
             )
         )
     return goals
@@ -1504,8 +1509,13 @@ def _setup_device(kind: str) -> dict[str, Any]:
         jax.config.update("jax_platforms", "cpu")
     try:
         devices = jax.devices()
-    except RuntimeError as err:
-        raise SystemExit(f"benchmark: no {kind} device visible to JAX: {err}") from None
+    except (RuntimeError, AssertionError) as err:  # jax raises either, by version
+        hint = (
+            " (a CUDA build of jaxlib is needed, see JAX's install guide)" if kind == "gpu" else ""
+        )
+        raise SystemExit(
+            f"benchmark: --device {kind}, but JAX sees no such device{hint}: {err!r}"
+        ) from None
     d = devices[0]
     return {"kind": kind, "description": f"{d.platform}: {d.device_kind}", "count": len(devices)}
 

@@ -15,8 +15,12 @@ import optax
 import aggc_optax
 
 
+def _tree(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, jax.Array]:
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    return {n: jax.random.normal(k, s) for k, (n, s) in zip(keys, shapes.items())}
+
+
 def _params() -> dict[str, jax.Array]:
-    keys = jax.random.split(jax.random.PRNGKey(0), 8)
     shapes = {
         "model.embed_tokens.weight": (64, 32),
         "model.layers.0.self_attn.q_proj.weight": (32, 32),
@@ -27,7 +31,7 @@ def _params() -> dict[str, jax.Array]:
         "model.layers.0.residual_gate": (4,),  # no label: passes through
         "lm_head.weight": (64, 32),
     }
-    return {n: jax.random.normal(k, s) for k, (n, s) in zip(keys, shapes.items())}
+    return _tree(shapes, seed=0)
 
 
 def _step(tx):
@@ -71,14 +75,13 @@ def _temp_bytes(tx, params) -> int:
 def test_no_temporary_the_size_of_a_gradient():
     # Leaves large enough for XLA's CPU backend to reduce them in place (it
     # squares tiny leaves into a scratch buffer first, for any clipper).
-    keys = jax.random.split(jax.random.PRNGKey(1), 4)
     shapes = {
         "model.layers.0.self_attn.q_proj.weight": (256, 256),
         "model.layers.0.self_attn.k_proj.weight": (256, 256),
         "model.layers.0.mlp.up_proj.weight": (512, 256),
         "model.layers.0.mlp.down_proj.weight": (256, 512),
     }
-    params = {n: jax.random.normal(k, s) for k, (n, s) in zip(keys, shapes.items())}
+    params = _tree(shapes, seed=1)
     adamw = optax.adamw(1e-3)
     aggc_temp = _temp_bytes(optax.chain(aggc_optax.aggc(), adamw), params)
     global_temp = _temp_bytes(optax.chain(optax.clip_by_global_norm(1.0), adamw), params)
