@@ -61,6 +61,7 @@ import optax
 import torch
 import torch.nn.functional as F
 
+from aggc_optax import presets
 from aggc_optax._reference_options import from_reference_options
 from aggc_optax._stats import group_stats
 from aggc_optax.torch_reference import PerModuleGradClipper, PerModuleGradNormOptions
@@ -129,41 +130,8 @@ class ParityConfig:
     nonfinite: str | None = None
 
 
-_LORA_SFT = {
-    "enable": True,
-    "auto_bounds": True,
-    "ema_beta": 0.95,
-    "low_mult": 0.95,
-    "high_mult": 0.6,
-    "min_norm": 0.01,
-    "raise_small": False,
-    "bounds_schedule": "linear",
-    "low_mult_late": 0.98,
-    "high_mult_late": 0.7,
-    "bounds_switch_ratio": 0.4,
-    "bounds_transition_ratio": 0.3,
-    "max_up_scale": 1.1,
-    "max_down_scale": 0.9,
-    "sync_dist": True,
-}
-_GRPO = {
-    "enable": True,
-    "auto_bounds": True,
-    "ema_beta": 0.99,
-    "low_mult": 0.98,
-    "high_mult": 0.7,
-    "min_norm": 0.0,
-    "raise_small": True,
-    "bounds_schedule": "linear",
-    "low_mult_late": 0.98,
-    "high_mult_late": 0.999,
-    "bounds_switch_ratio": 0.6,
-    "bounds_transition_ratio": 0.2,
-    "max_up_scale": 1.1,
-    "max_down_scale": 0.9,
-    "keep_global_clip": False,
-    "sync_dist": True,
-}
+_LORA_SFT = dict(presets.LORA_SFT_OPTIONS)
+_GRPO = dict(presets.GRPO_OPTIONS)
 _PLAIN = {
     "enable": True,
     "auto_bounds": True,

@@ -62,20 +62,7 @@ METHODS = ("adamw", "global", "global_fused", "aggc")
 # The authors' LoRA SFT recipe (spec section 9), in the reference's option names:
 # the torch comparison runs the reference and aggc_optax with exactly these.
 REFERENCE_OPTIONS = {
-    "enable": True,
-    "auto_bounds": True,
-    "ema_beta": 0.95,
-    "low_mult": 0.95,
-    "high_mult": 0.6,
-    "min_norm": 0.01,
-    "raise_small": False,
-    "bounds_schedule": "linear",
-    "low_mult_late": 0.98,
-    "high_mult_late": 0.7,
-    "bounds_switch_ratio": 0.4,
-    "bounds_transition_ratio": 0.3,
-    "max_up_scale": 1.1,
-    "max_down_scale": 0.9,
+    k: v for k, v in aggc_optax.presets.LORA_SFT_OPTIONS.items() if k != "sync_dist"
 }
 TOTAL_STEPS = 10_000  # for the recipe's schedule; any value > 0 works
 
