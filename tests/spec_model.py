@@ -17,6 +17,43 @@ import numpy as np
 
 EPS = 1e-12
 
+# Spec section 2's examples (name -> label), plus its list-order rule.
+SPEC_LABEL_TABLE: list[tuple[str, str | None]] = [
+    ("model.layers.3.self_attn.q_proj.weight", "q_proj"),
+    ("model.layers.3.self_attn.q_proj.bias", "q_proj"),
+    ("model.layers.0.input_layernorm.weight", "input_layernorm"),
+    ("model.norm.weight", "norm"),
+    ("model.embed_tokens.weight", "embed_tokens"),
+    ("lm_head.weight", "lm_head"),
+    ("model.layers.0.residual_gate", None),
+    ("logit_scale", None),
+    ("model.layers.weight", None),
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", "q_proj"),
+    ("transformer.h.0.attn.c_proj.weight", "c_proj"),
+    ("transformer.h.0.mlp.c_proj.weight", "c_proj"),
+    ("transformer.wte.weight", "wte"),
+    ("transformer.h.0.ln_1.weight", "ln_1"),
+    ("model.layers.0.block_sparse_moe.experts.7.w2.weight", "w2"),
+    ("model.layers.0.block_sparse_moe.gate.weight", "gate"),
+    ("model.layers.0.mlp.q_proj_extra.weight", "q_proj_extra"),
+    # list order wins over position in the name
+    ("model.layers.0.self_attn.q_proj.up_proj.weight", "q_proj"),
+]
+
+# Spec section 9's recipes, copied from the spec's table (the reference's option names).
+LORA = dict(
+    enable=True, auto_bounds=True, ema_beta=0.95, low_mult=0.95, high_mult=0.6, min_norm=0.01,
+    raise_small=False, bounds_schedule="linear", low_mult_late=0.98, high_mult_late=0.7,
+    bounds_switch_ratio=0.4, bounds_transition_ratio=0.3, max_up_scale=1.1, max_down_scale=0.9,
+    sync_dist=True,
+)  # fmt: skip
+GRPO = dict(
+    enable=True, auto_bounds=True, ema_beta=0.99, low_mult=0.98, high_mult=0.7, min_norm=0.0,
+    raise_small=True, bounds_schedule="linear", low_mult_late=0.98, high_mult_late=0.999,
+    bounds_switch_ratio=0.6, bounds_transition_ratio=0.2, max_up_scale=1.1, max_down_scale=0.9,
+    keep_global_clip=False, sync_dist=True,
+)  # fmt: skip
+
 
 def spec_schedule(
     t: int,

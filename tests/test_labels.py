@@ -12,32 +12,10 @@ from flax import nnx
 
 import aggc_optax
 from aggc_optax import describe_groups, lora_label, path_name, reference_label, regex_labeler
-from tests.spec_model import spec_label
-
-SPEC_TABLE = [
-    ("model.layers.3.self_attn.q_proj.weight", "q_proj"),
-    ("model.layers.3.self_attn.q_proj.bias", "q_proj"),
-    ("model.layers.0.input_layernorm.weight", "input_layernorm"),
-    ("model.norm.weight", "norm"),
-    ("model.embed_tokens.weight", "embed_tokens"),
-    ("lm_head.weight", "lm_head"),
-    ("model.layers.0.residual_gate", None),
-    ("logit_scale", None),
-    ("model.layers.weight", None),
-    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", "q_proj"),
-    ("transformer.h.0.attn.c_proj.weight", "c_proj"),
-    ("transformer.h.0.mlp.c_proj.weight", "c_proj"),
-    ("transformer.wte.weight", "wte"),
-    ("transformer.h.0.ln_1.weight", "ln_1"),
-    ("model.layers.0.block_sparse_moe.experts.7.w2.weight", "w2"),
-    ("model.layers.0.block_sparse_moe.gate.weight", "gate"),
-    ("model.layers.0.mlp.q_proj_extra.weight", "q_proj_extra"),
-    # list order wins over position in the name
-    ("model.layers.0.self_attn.q_proj.up_proj.weight", "q_proj"),
-]
+from tests.spec_model import SPEC_LABEL_TABLE, spec_label
 
 
-@pytest.mark.parametrize(("name", "label"), SPEC_TABLE)
+@pytest.mark.parametrize(("name", "label"), SPEC_LABEL_TABLE)
 def test_reference_label_spec_table(name: str, label: str | None) -> None:
     assert reference_label(name) == label
     assert spec_label(name) == label  # the test's own model agrees with the table

@@ -16,25 +16,11 @@ import optax
 import pytest
 
 from aggc_optax import from_reference_options, group_stats, presets
-from tests.spec_model import SpecClipper, spec_label, spec_schedule
+from tests.spec_model import GRPO, LORA, SpecClipper, spec_label, spec_schedule
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 UP = "model.layers.0.mlp.up_proj.weight"
 V = "model.layers.0.self_attn.v_proj.weight"
-
-# spec section 9, copied from the spec's table
-LORA = dict(
-    enable=True, auto_bounds=True, ema_beta=0.95, low_mult=0.95, high_mult=0.6, min_norm=0.01,
-    raise_small=False, bounds_schedule="linear", low_mult_late=0.98, high_mult_late=0.7,
-    bounds_switch_ratio=0.4, bounds_transition_ratio=0.3, max_up_scale=1.1, max_down_scale=0.9,
-    sync_dist=True,
-)  # fmt: skip
-GRPO = dict(
-    enable=True, auto_bounds=True, ema_beta=0.99, low_mult=0.98, high_mult=0.7, min_norm=0.0,
-    raise_small=True, bounds_schedule="linear", low_mult_late=0.98, high_mult_late=0.999,
-    bounds_switch_ratio=0.6, bounds_transition_ratio=0.2, max_up_scale=1.1, max_down_scale=0.9,
-    keep_global_clip=False, sync_dist=True,
-)  # fmt: skip
 
 
 def _trajectory(steps: int, seed: int = 7) -> list[dict[str, jax.Array]]:

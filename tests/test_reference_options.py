@@ -12,24 +12,12 @@ import optax
 import pytest
 
 from aggc_optax import REFERENCE_DEFAULTS, aggc, from_reference_options, group_stats
-from tests.spec_model import SpecClipper, spec_label, spec_schedule
+from tests.spec_model import GRPO, LORA, SpecClipper, spec_label, spec_schedule
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 UP = "model.layers.0.mlp.up_proj.weight"
 V = "model.layers.0.self_attn.v_proj.weight"
 
-LORA = dict(
-    enable=True, auto_bounds=True, ema_beta=0.95, low_mult=0.95, high_mult=0.6, min_norm=0.01,
-    raise_small=False, bounds_schedule="linear", low_mult_late=0.98, high_mult_late=0.7,
-    bounds_switch_ratio=0.4, bounds_transition_ratio=0.3, max_up_scale=1.1, max_down_scale=0.9,
-    sync_dist=True,
-)  # fmt: skip
-GRPO = dict(
-    enable=True, auto_bounds=True, ema_beta=0.99, low_mult=0.98, high_mult=0.7, min_norm=0.0,
-    raise_small=True, bounds_schedule="linear", low_mult_late=0.98, high_mult_late=0.999,
-    bounds_switch_ratio=0.6, bounds_transition_ratio=0.2, max_up_scale=1.1, max_down_scale=0.9,
-    keep_global_clip=False, sync_dist=True,
-)  # fmt: skip
 # spec 8.3's observed setting: beta 0.9, interval [0.5, 2.0] x EMA, raise_small
 FAULT = dict(enable=True, auto_bounds=True, ema_beta=0.9, low_mult=0.5, high_mult=2.0,
              raise_small=True)  # fmt: skip

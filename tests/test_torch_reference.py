@@ -31,6 +31,7 @@ from aggc_optax.torch_reference import (
     layer_id,
     module_label,
 )
+from tests.spec_model import SPEC_LABEL_TABLE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,29 +227,8 @@ def test_clipper_rejects_bad_arguments():
 
 # -- spec 2: groups ---------------------------------------------------------------------------
 
-SPEC_LABELS = [
-    ("model.layers.3.self_attn.q_proj.weight", "q_proj"),
-    ("model.layers.3.self_attn.q_proj.bias", "q_proj"),
-    ("model.layers.0.input_layernorm.weight", "input_layernorm"),
-    ("model.norm.weight", "norm"),
-    ("model.embed_tokens.weight", "embed_tokens"),
-    ("lm_head.weight", "lm_head"),
-    ("model.layers.0.residual_gate", None),
-    ("logit_scale", None),
-    ("model.layers.weight", None),
-    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", "q_proj"),
-    ("transformer.h.0.attn.c_proj.weight", "c_proj"),
-    ("transformer.h.0.mlp.c_proj.weight", "c_proj"),
-    ("transformer.wte.weight", "wte"),
-    ("transformer.h.0.ln_1.weight", "ln_1"),
-    ("model.layers.0.block_sparse_moe.experts.7.w2.weight", "w2"),
-    ("model.layers.0.block_sparse_moe.gate.weight", "gate"),
-    ("model.layers.0.mlp.q_proj_extra.weight", "q_proj_extra"),
-    ("model.layers.0.self_attn.q_proj.up_proj.weight", "q_proj"),
-]
 
-
-@pytest.mark.parametrize(("name", "label"), SPEC_LABELS)
+@pytest.mark.parametrize(("name", "label"), SPEC_LABEL_TABLE)
 def test_spec_label_table(name, label):
     assert module_label(name) == label
     model = mirror({name: (2,), "model.anchor.weight": (2,)})  # an anchor keeps the clipper on
