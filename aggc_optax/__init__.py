@@ -5,10 +5,9 @@ Language Model Training", Findings of ACL 2026 (arXiv 2601.11864).
 """
 
 from aggc_optax import presets
-from aggc_optax._aggc import AGGCState, aggc
+from aggc_optax._aggc import AGGCState, GroupLabels, aggc
 from aggc_optax._labels import (
     REFERENCE_TOKENS,
-    GroupLayout,
     describe_groups,
     lora_label,
     path_name,
@@ -28,7 +27,7 @@ __all__ = [
     "REFERENCE_TOKENS",
     "AGGCState",
     "CSVLogger",
-    "GroupLayout",
+    "GroupLabels",
     "ScaleOnly",
     "aggc",
     "describe_groups",

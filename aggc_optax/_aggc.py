@@ -2,37 +2,38 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from aggc_optax import _labels, _validation
-from aggc_optax._labels import GroupLayout, ParamLabels
+from aggc_optax import _config, _labels
+from aggc_optax._config import Config, Hyper
+from aggc_optax._labels import ParamLabels, Placement
 
 EPS = 1e-12  # the reference's branch and division epsilon
 NORM_FLOOR = 1e-16  # added to the sum of squares: an all-zero group has norm 1e-8
 
-NONFINITE_POLICIES = ("skip", "reference")
-VARIANTS = ("reference", "paper")
-EMA_INITS = ("zero", "first")
-AXIS_REDUCTIONS = ("sum", "mean")
-GROUP_FIELDS = (
-    "ema_beta",
-    "low_mult",
-    "high_mult",
-    "min_norm",
-    "max_norm",
-    "max_up_scale",
-    "max_down_scale",
-    "raise_small",
-)
+
+class GroupLabels(tuple):
+    """The group labels of an :class:`AGGCState`, in group order: a tuple of str.
+
+    A static pytree node (no arrays), so ``jax.jit`` treats it as part of the
+    state's structure and Orbax stores nothing for it; ``flax.serialization``
+    writes it as ``{"0": label, ...}`` and checks it on restore.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"GroupLabels({tuple(self)!r})"
+
+
+jax.tree_util.register_static(GroupLabels)
 
 
 class AGGCState(NamedTuple):
@@ -44,14 +45,14 @@ class AGGCState(NamedTuple):
       ema_residual: the rounding error of ``ema`` (the EMA is ``ema + ema_residual``
         to twice the state's precision), so a float32 EMA does not stall.
       norm: each group's pre-clip norm at the last step.
-      lower: each group's lower bound at the last step.
+      lower: each group's lower bound at the last step (0 where nothing is raised).
       upper: each group's upper bound at the last step.
       scale: the factor each group's gradients were multiplied by at the last step.
       ema_count: how many updates each group's EMA has received (steps skipped
-        by the ``nonfinite="skip"`` policy do not count).
+        for a non-finite norm do not count).
       clip_down_count: how many steps each group was clipped down, in total.
       raise_count: how many steps each group was raised, in total.
-      layout: static (no arrays): the group labels and which leaf is in which group.
+      labels: the group labels, in group order (static, no arrays).
     """
 
     count: jax.Array
@@ -64,29 +65,12 @@ class AGGCState(NamedTuple):
     ema_count: jax.Array
     clip_down_count: jax.Array
     raise_count: jax.Array
-    layout: GroupLayout
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Everything :func:`aggc` was given, checked."""
-
-    hyper: Mapping[str, Any]  # the defaults of every GROUP_FIELDS entry
-    group_hyperparams: tuple[tuple[str, re.Pattern[str], Mapping[str, Any]], ...]
-    auto_bounds: Any
-    param_labels: ParamLabels
-    nonfinite: str
-    variant: str
-    ema_init: str
-    bias_correction: bool
-    axis_name: Any
-    axis_reduction: str
-    on_no_groups: str  # "error" (aggc) or "disable" (the reference's behaviour)
+    labels: GroupLabels
 
 
 def _python_max(a: jax.Array, b: jax.Array) -> jax.Array:
     # Python's max(a, b) keeps a unless b > a, so max(0.0, nan) is 0.0; the
-    # reference relies on this for non-finite EMAs (spec 8.3).
+    # reference relies on this for non-finite EMAs (docs/reference-behaviour.md §8).
     return jnp.where(b > a, b, a)
 
 
@@ -115,14 +99,10 @@ def _check_leaf_dtype(name: str, leaf: Any) -> None:
         )
 
 
-def _group_values(
-    config: _Config,
-    layout: GroupLayout,
-    field: str,
-    count: jax.Array,
-    transform: Callable[[Any], Any] | None = None,
-) -> Any:
-    """A hyperparameter's value at step ``count``: a scalar, or a ``[G]`` vector.
+def _at_step(
+    values: tuple[Any, ...], count: jax.Array, dtype: Any, transform: Callable[[Any], Any] | None
+) -> jax.Array:
+    """One hyperparameter at step ``count``: a scalar when all groups share it, else ``[G]``.
 
     ``transform`` is applied to each value before it becomes an array, so that a
     Python float is transformed in float64 (see ``1 - ema_beta``).
@@ -132,23 +112,19 @@ def _group_values(
         value = value(count) if callable(value) else value
         return value if transform is None else transform(value)
 
-    default = config.hyper[field]
-    if not config.group_hyperparams:
-        return evaluate(default)
-    per_group = [_resolve_group_field(config, label, field) for label in layout.labels]
-    if all(v is default for v in per_group):
-        return evaluate(default)
-    return jnp.stack([jnp.asarray(evaluate(v), _stats_dtype()) for v in per_group])
+    if all(v is values[0] for v in values):
+        return jnp.asarray(evaluate(values[0]), dtype)
+    return jnp.stack([jnp.asarray(evaluate(v), dtype) for v in values])
 
 
-def _resolve_group_field(config: _Config, label: str, field: str) -> Any:
-    exact = [entry for key, _, entry in config.group_hyperparams if key == label]
-    matched = exact or [
-        entry for _, regex, entry in config.group_hyperparams if regex.fullmatch(label)
-    ]
-    if matched and field in matched[0]:
-        return matched[0][field]
-    return config.hyper[field]
+def _hyper_at(per_group: Hyper, count: jax.Array, dtype: Any) -> Hyper:
+    """Every hyperparameter as an array (scalar or ``[G]``) at step ``count``."""
+    return Hyper(
+        **{
+            field: _at_step(values, count, bool if field == "raise_small" else dtype, None)
+            for field, values in per_group._asdict().items()
+        }
+    )
 
 
 def _ema_step(
@@ -165,7 +141,7 @@ def _ema_step(
     away from the float64 recurrence of the reference. Carrying the rounding
     error of each update in ``residual`` (an exact TwoSum) keeps the EMA within
     float32 rounding of it. Non-finite values take the plain formula, so NaN and
-    inf propagate exactly as in the reference (spec 8.3).
+    inf propagate exactly as in the reference (docs/reference-behaviour.md §8).
     """
     plain = beta * ema + one_minus_beta * x
     delta = one_minus_beta * (x - ema) + beta * residual
@@ -176,76 +152,69 @@ def _ema_step(
     return jnp.where(compensated, total, plain), jnp.where(compensated, error, 0.0)
 
 
+class GroupStep(NamedTuple):
+    """What one step decides per group (every field ``[G]``)."""
+
+    scale: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+    ema: jax.Array
+    ema_residual: jax.Array
+    ema_count: jax.Array
+    down: jax.Array
+    raised: jax.Array
+
+
+def _branches(
+    hp: Hyper, norm: jax.Array, lower: jax.Array, upper: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """docs/reference-behaviour.md §4 step 2: ``(down_scale, up_scale, down, raised)``."""
+    down = (upper > 0) & (norm > upper + EPS)
+    raised = hp.raise_small & (lower > 0) & (norm < lower - EPS) & ~down
+    down_scale = upper / (norm + EPS)
+    floor = hp.max_down_scale
+    down_scale = jnp.where(floor > 0, _python_max(down_scale, floor), down_scale)
+    up_scale = lower / (norm + EPS)
+    up_scale = jnp.where(hp.max_up_scale > 0, _python_min(up_scale, hp.max_up_scale), up_scale)
+    return down_scale, up_scale, down, raised
+
+
 def _group_step(
-    config: _Config,
-    layout: GroupLayout,
-    norm: jax.Array,
-    state: AGGCState,
-) -> tuple[jax.Array, ...]:
-    """The per-group scalar math of spec section 4, vectorised over groups."""
-    dtype = norm.dtype
-    t = state.count
-
-    def hp(field: str) -> jax.Array:
-        return jnp.asarray(_group_values(config, layout, field, t), dtype)
-
-    beta, low, high = hp("ema_beta"), hp("low_mult"), hp("high_mult")
-    # 1 - beta from the Python float: rounding beta = 0.999 to float32 first
-    # would put a 1.3e-5 relative error into every EMA update.
-    one_minus_beta = jnp.asarray(
-        _group_values(config, layout, "ema_beta", t, transform=lambda b: 1 - b), dtype
-    )
-    min_norm, max_norm = hp("min_norm"), hp("max_norm")
-    up_cap, down_cap = hp("max_up_scale"), hp("max_down_scale")
-    raise_small = jnp.asarray(_group_values(config, layout, "raise_small", t), bool)
-    auto_bounds = jnp.asarray(config.auto_bounds, bool)
-
-    if config.nonfinite == "reference":
-        taken = jnp.ones(norm.shape, bool)
-    else:
-        taken = jnp.isfinite(norm)
-
+    config: Config, hp: Hyper, one_minus_beta: jax.Array, norm: jax.Array, state: AGGCState
+) -> GroupStep:
+    """The per-group scalar math of docs/reference-behaviour.md §4, vectorised over groups."""
+    taken = jnp.ones(norm.shape, bool) if config.nonfinite == "reference" else jnp.isfinite(norm)
     ema, residual = state.ema, state.ema_residual
     if config.ema_init == "first":
         first = (state.ema_count == 0) & taken
         ema, residual = jnp.where(first, norm, ema), jnp.where(first, 0.0, residual)
+    stat, updates_in_stat = ema, state.ema_count
     if config.variant == "paper":
         # Paper eq. 2-4: the EMA of raw norms, including this step, sets the bounds.
-        stepped, stepped_residual = _ema_step(ema, residual, beta, one_minus_beta, norm)
-        ema_with_step = jnp.where(taken, stepped, ema)
-        residual_with_step = jnp.where(taken, stepped_residual, residual)
-        stat, updates_in_stat = ema_with_step, state.ema_count + taken
+        stepped = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm)
+        stepped = tuple(jnp.where(taken, new, old) for new, old in zip(stepped, (ema, residual)))
+        stat, updates_in_stat = stepped[0], state.ema_count + taken
+    if config.ema_init == "bias_corrected":
+        correction = 1 - hp.ema_beta ** updates_in_stat.astype(norm.dtype)
+        corrected = stat / jnp.where(correction > 0, correction, 1)
+        stat = jnp.where(updates_in_stat > 0, corrected, stat)
+
+    if config.auto_bounds:
+        lower = _python_max(hp.min_norm, stat * hp.low_mult)
+        upper = _python_max(jnp.zeros_like(stat), stat * hp.high_mult)
     else:
-        stat, updates_in_stat = ema, state.ema_count
-    if config.bias_correction:
-        correction = 1 - beta ** updates_in_stat.astype(dtype)
-        stat = jnp.where(updates_in_stat > 0, stat / jnp.where(correction > 0, correction, 1), stat)
-
-    lower = jnp.where(auto_bounds, _python_max(min_norm, stat * low), min_norm)
-    upper = jnp.where(auto_bounds, _python_max(jnp.zeros_like(stat), stat * high), max_norm)
-    lower = jnp.broadcast_to(lower, norm.shape)
-    upper = jnp.broadcast_to(upper, norm.shape)
-
-    down = (upper > 0) & (norm > upper + EPS)
-    raised = raise_small & (lower > 0) & (norm < lower - EPS) & ~down
+        lower, upper = hp.min_norm, hp.max_norm
+    lower, upper = jnp.broadcast_to(lower, norm.shape), jnp.broadcast_to(upper, norm.shape)
+    down_scale, up_scale, down, raised = _branches(hp, norm, lower, upper)
     down, raised = down & taken, raised & taken
+    scale = jnp.where(down, down_scale, jnp.where(raised, up_scale, jnp.ones_like(norm)))
 
-    down_scale = upper / (norm + EPS)
-    down_scale = jnp.where(down_cap > 0, _python_max(down_scale, down_cap), down_scale)
-    up_scale = lower / (norm + EPS)
-    up_scale = jnp.where(up_cap > 0, _python_min(up_scale, up_cap), up_scale)
-    one = jnp.ones_like(norm)
-    scale = jnp.where(down, down_scale, jnp.where(raised, up_scale, one))
-
-    if config.variant == "paper":
-        new_ema, new_residual = ema_with_step, residual_with_step
-    else:
+    if config.variant != "paper":
         # The reference feeds the EMA the intended post-clip norm.
-        stepped, stepped_residual = _ema_step(ema, residual, beta, one_minus_beta, norm * scale)
-        new_ema = jnp.where(taken, stepped, ema)
-        new_residual = jnp.where(taken, stepped_residual, residual)
-    new_ema_count = state.ema_count + taken.astype(state.ema_count.dtype)
-    return scale, lower, upper, new_ema, new_residual, new_ema_count, down, raised
+        fed = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm * scale)
+        stepped = tuple(jnp.where(taken, new, old) for new, old in zip(fed, (ema, residual)))
+    ema_count = state.ema_count + taken.astype(state.ema_count.dtype)
+    return GroupStep(scale, lower, upper, *stepped, ema_count, down, raised)
 
 
 def _per_group_scalars(values: jax.Array) -> list[jax.Array]:
@@ -273,416 +242,274 @@ def _per_group_scalars(values: jax.Array) -> list[jax.Array]:
     return out
 
 
-def _build(config: _Config) -> optax.GradientTransformation:
-    def init_fn(params: optax.Params) -> AGGCState:
-        layout = _labels.build_layout(params, config.param_labels)
-        flat = jax.tree_util.tree_leaves(params)
-        for name, group, leaf in zip(layout.leaf_names, layout.leaf_groups, flat):
-            if group >= 0:
-                _check_leaf_dtype(name, leaf)
-        if layout.num_groups == 0:
-            if config.on_no_groups == "error":
-                raise ValueError(
-                    "aggc: no parameter got a group label, so nothing would be clipped. "
-                    f"Leaves seen: {list(layout.leaf_names)[:8]}"
-                    f"{' ...' if len(layout.leaf_names) > 8 else ''}. Pass param_labels "
-                    "(a labeler, regex rules or a label tree); see describe_groups()."
-                )
-            warnings.warn(
-                "AGGC: no parameter got a group label; like the reference clipper, the "
-                "transformation disables itself and passes gradients through untouched.",
-                stacklevel=3,
-            )
-        _warn_unmatched_group_hyperparams(config, layout)
-        num_groups = layout.num_groups
-        dtype = _stats_dtype()
+def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax.Array:
+    """Each group's norm, ``[G]``, from the leaves its norm counts."""
+    dtype = _stats_dtype()
+    # Each group's sum of squares is a chain of scalar adds in leaf order, as
+    # the reference accumulates its per-tensor sums in Python floats; no
+    # [leaves] buffer and no scatter-add (a serial loop on CPU, atomics in
+    # no fixed order on GPU).
+    sums: list[jax.Array | None] = [None] * len(placement.labels)
+    for group, counted, leaf in zip(placement.groups, placement.counted, leaves):
+        if counted:
+            square = jnp.sum(jnp.square(leaf.astype(_compute_dtype(leaf.dtype)))).astype(dtype)
+            sums[group] = square if sums[group] is None else sums[group] + square
+    total = jnp.stack([jnp.zeros((), dtype) if s is None else s for s in sums])
+    if config.axis_name is not None:
+        reduce = jax.lax.psum if config.axis_reduction == "sum" else jax.lax.pmean
+        total = reduce(total, config.axis_name)
+    return jnp.sqrt(total + NORM_FLOOR)
 
-        # A fresh buffer per field (no shared array): a state whose fields alias
-        # one buffer cannot be donated to a jitted update.
-        def zeros(dtype: Any = dtype) -> jax.Array:
-            return jnp.zeros((num_groups,), dtype)
 
-        return AGGCState(
-            count=jnp.zeros((), jnp.int32),
-            ema=zeros(),
-            ema_residual=zeros(),
-            norm=zeros(),
-            lower=zeros(),
-            upper=zeros(),
-            scale=jnp.ones((num_groups,), dtype),
-            ema_count=zeros(jnp.int32),
-            clip_down_count=zeros(jnp.int32),
-            raise_count=zeros(jnp.int32),
-            layout=layout,
-        )
+def _rescale(placement: Placement, leaves: list[Any], scale: jax.Array) -> list[Any]:
+    """Every labelled leaf times its group's factor, in the leaf's compute dtype."""
+    group_scale = _per_group_scalars(scale)
+    out = []
+    for group, leaf in zip(placement.groups, leaves):
+        if group < 0:
+            out.append(leaf)
+            continue
+        op_dtype = _compute_dtype(leaf.dtype)
+        out.append((leaf.astype(op_dtype) * group_scale[group].astype(op_dtype)).astype(leaf.dtype))
+    return out
 
-    def update_fn(
-        updates: optax.Updates, state: AGGCState, params: optax.Params | None = None
-    ) -> tuple[optax.Updates, AGGCState]:
-        del params
-        layout = state.layout
-        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        names = tuple(_labels.path_name(p) for p, _ in flat)
-        if names != layout.leaf_names:
-            _raise_tree_mismatch(layout.leaf_names, names)
-        leaves = [leaf for _, leaf in flat]
-        count = optax.safe_increment(state.count)
-        if layout.num_groups == 0:
-            return updates, state._replace(count=count)
 
-        dtype = _stats_dtype()
-        # Each group's sum of squares is a chain of scalar adds in leaf order, as
-        # the reference accumulates its per-tensor sums in Python floats; no
-        # [leaves] buffer and no scatter-add (a serial loop on CPU, atomics in
-        # no fixed order on GPU).
-        group_sums: list[jax.Array | None] = [None] * layout.num_groups
-        for name, group, leaf in zip(names, layout.leaf_groups, leaves):
-            if group < 0:
-                continue
+def _check_placement(placement: Placement, leaves: list[Any], labels: tuple[str, ...]) -> None:
+    for name, group, leaf in zip(placement.names, placement.groups, leaves):
+        if group >= 0:
             _check_leaf_dtype(name, leaf)
-            x = leaf.astype(_compute_dtype(leaf.dtype))
-            square = jnp.sum(jnp.square(x)).astype(dtype)
-            total = group_sums[group]
-            group_sums[group] = square if total is None else total + square
-        sums = jnp.stack([jnp.zeros((), dtype) if s is None else s for s in group_sums])
-        if config.axis_name is not None:
-            reduce = jax.lax.psum if config.axis_reduction == "sum" else jax.lax.pmean
-            sums = reduce(sums, config.axis_name)
-        norm = jnp.sqrt(sums + NORM_FLOOR)
-
-        scale, lower, upper, ema, ema_residual, ema_count, down, raised = _group_step(
-            config, layout, norm, state
+    if placement.labels != tuple(labels):
+        raise ValueError(
+            "aggc: the updates do not have the groups of the parameters AGGC was initialised "
+            f"with: {list(placement.labels)} in the updates, {list(labels)} at init"
         )
 
-        group_scale = _per_group_scalars(scale)
-        new_leaves = []
-        for group, leaf in zip(layout.leaf_groups, leaves):
-            if group < 0:
-                new_leaves.append(leaf)
-                continue
-            op_dtype = _compute_dtype(leaf.dtype)
-            factor = group_scale[group].astype(op_dtype)
-            new_leaves.append((leaf.astype(op_dtype) * factor).astype(leaf.dtype))
 
-        new_state = AGGCState(
-            count=count,
-            ema=ema,
-            ema_residual=ema_residual,
-            norm=norm,
-            lower=lower,
-            upper=upper,
-            scale=scale,
-            ema_count=ema_count,
-            clip_down_count=state.clip_down_count + down.astype(jnp.int32),
-            raise_count=state.raise_count + raised.astype(jnp.int32),
-            layout=layout,
+def _warn_unlabelled(config: Config, params: Any, placement: Placement) -> None:
+    """Under the default rule, say how much of the model is left out of every group."""
+    if config.param_labels is not None or config.unlabelled == "ignore":
+        return
+    leaves = jax.tree_util.tree_leaves(params)
+    sizes = [int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in leaves]
+    left_out = [
+        (name, size)
+        for name, group, leaf, size in zip(placement.names, placement.groups, leaves, sizes)
+        if group < 0 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    ]
+    if not left_out or not placement.labels:
+        return
+    share = sum(size for _, size in left_out) / max(1, sum(sizes))
+    first = ", ".join(repr(name) for name, _ in left_out[:5])
+    message = (
+        f"aggc: the default label rule (aggc_optax.reference_label) puts {len(left_out)} "
+        f"floating-point leaves ({share:.1%} of all parameters) in no group, so they are never "
+        f"clipped: {first}{', ...' if len(left_out) > 5 else ''}. See "
+        "aggc_optax.describe_groups(params); label them with param_labels (e.g. "
+        "aggc_optax.module_labels), or pass unlabelled='ignore' if that is intended."
+    )
+    if config.unlabelled == "error":
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def _no_groups(config: Config, placement: Placement) -> None:
+    if config.on_no_groups == "error":
+        more = " ..." if len(placement.names) > 8 else ""
+        raise ValueError(
+            "aggc: no parameter got a group label, so nothing would be clipped. "
+            f"Leaves seen: {list(placement.names)[:8]}{more}. Pass param_labels "
+            "(a labeler, aggc_optax.regex_labeler(rules) or a label tree); see describe_groups()."
         )
-        return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
+    warnings.warn(
+        "AGGC: no parameter got a group label; like the reference clipper, the "
+        "transformation disables itself and passes gradients through untouched.",
+        stacklevel=3,
+    )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+
+def _init_state(labels: tuple[str, ...]) -> AGGCState:
+    num_groups, dtype = len(labels), _stats_dtype()
+
+    # A fresh buffer per field (no shared array): a state whose fields alias
+    # one buffer cannot be donated to a jitted update.
+    def zeros(dtype: Any = dtype) -> jax.Array:
+        return jnp.zeros((num_groups,), dtype)
+
+    return AGGCState(
+        count=jnp.zeros((), jnp.int32),
+        ema=zeros(),
+        ema_residual=zeros(),
+        norm=zeros(),
+        lower=zeros(),
+        upper=zeros(),
+        scale=jnp.ones((num_groups,), dtype),
+        ema_count=zeros(jnp.int32),
+        clip_down_count=zeros(jnp.int32),
+        raise_count=zeros(jnp.int32),
+        labels=GroupLabels(labels),
+    )
 
 
-def _warn_unmatched_group_hyperparams(config: _Config, layout: GroupLayout) -> None:
-    # A key that matches no group is most likely a typo (or the wrong label rule):
-    # silently ignoring it would leave that group on the default hyperparameters.
-    for key, regex, _ in config.group_hyperparams:
-        if not any(key == label or regex.fullmatch(label) for label in layout.labels):
+def _build(config: Config) -> optax.GradientTransformationExtraArgs:
+    per_layout: dict[tuple[str, ...], Hyper] = {}  # labels -> one value per group, per field
+
+    def hyper_for(labels: tuple[str, ...]) -> Hyper:
+        if labels not in per_layout:
+            per_layout[labels] = _config.resolve(config, labels)
+        return per_layout[labels]
+
+    def init_fn(params: optax.Params) -> AGGCState:
+        placement = _labels.place(params, config.param_labels)
+        _check_placement(placement, jax.tree_util.tree_leaves(params), placement.labels)
+        if not placement.labels:
+            _no_groups(config, placement)
+        _warn_unlabelled(config, params, placement)
+        for key in _config.unmatched_keys(config, placement.labels):
+            # most likely a typo (or the wrong label rule): say so rather than
+            # leave that group silently on the default hyperparameters
             warnings.warn(
                 f"aggc: group_hyperparams key {key!r} matches no group label (labels: "
-                f"{list(layout.labels)}); its entry has no effect. Keys are exact labels "
+                f"{list(placement.labels)}); its entry has no effect. Keys are exact labels "
                 "or regular expressions matched against the whole label.",
-                stacklevel=4,
+                stacklevel=3,
             )
+        hyper_for(placement.labels)
+        return _init_state(placement.labels)
 
-
-def _raise_tree_mismatch(expected: tuple[str, ...], got: tuple[str, ...]) -> None:
-    for i, (a, b) in enumerate(zip(expected, got)):
-        if a != b:
-            raise ValueError(
-                "aggc: the updates do not have the structure of the parameters AGGC was "
-                f"initialised with: leaf {i} is {b!r} in the updates but {a!r} at init"
-            )
-    raise ValueError(
-        "aggc: the updates do not have the structure of the parameters AGGC was "
-        f"initialised with: {len(got)} leaves in the updates, {len(expected)} at init"
-    )
-
-
-def _check_group_hyperparams(
-    group_hyperparams: Mapping[str, Mapping[str, Any]] | None,
-    checkers: Mapping[str, Callable[[str, Any], Any]],
-) -> tuple[tuple[str, re.Pattern[str], Mapping[str, Any]], ...]:
-    if group_hyperparams is None:
-        return ()
-    if not isinstance(group_hyperparams, Mapping):
-        raise TypeError(
-            "group_hyperparams must be a mapping from a label (or regex pattern) to a "
-            f"mapping of hyperparameters, got {type(group_hyperparams).__name__}"
+    def update_fn(
+        updates: optax.Updates, state: AGGCState, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, AGGCState]:
+        del params, extra
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        placement = _labels.place(updates, config.param_labels)  # as optax.partition does
+        _check_placement(placement, leaves, state.labels)
+        count = optax.safe_increment(state.count)
+        if not state.labels:
+            return updates, state._replace(count=count)
+        norm = _group_norms(config, placement, leaves)
+        per_group = hyper_for(tuple(state.labels))
+        hp = _hyper_at(per_group, state.count, norm.dtype)
+        # 1 - beta from the Python float: rounding beta = 0.999 to float32 first
+        # would put a 1.3e-5 relative error into every EMA update.
+        one_minus_beta = _at_step(per_group.ema_beta, state.count, norm.dtype, lambda b: 1 - b)
+        step = _group_step(config, hp, one_minus_beta, norm, state)
+        new_state = AGGCState(
+            count=count,
+            ema=step.ema,
+            ema_residual=step.ema_residual,
+            norm=norm,
+            lower=step.lower,
+            upper=step.upper,
+            scale=step.scale,
+            ema_count=step.ema_count,
+            clip_down_count=state.clip_down_count + step.down.astype(jnp.int32),
+            raise_count=state.raise_count + step.raised.astype(jnp.int32),
+            labels=state.labels,
         )
-    entries = []
-    for key, fields in group_hyperparams.items():
-        if not isinstance(key, str):
-            raise TypeError(f"group_hyperparams: keys must be str labels or patterns, got {key!r}")
-        try:
-            regex = re.compile(key)
-        except re.error as err:
-            raise ValueError(f"group_hyperparams: invalid pattern {key!r}: {err}") from err
-        if not isinstance(fields, Mapping):
-            raise TypeError(
-                f"group_hyperparams[{key!r}] must be a mapping of hyperparameters, got {fields!r}"
-            )
-        checked = {}
-        for field, value in fields.items():
-            if field not in GROUP_FIELDS:
-                raise ValueError(
-                    f"group_hyperparams[{key!r}]: unknown hyperparameter {field!r}; "
-                    f"allowed: {GROUP_FIELDS}"
-                )
-            checked[field] = checkers[field](f"group_hyperparams[{key!r}][{field!r}]", value)
-        entries.append((key, regex, checked))
-    return tuple(entries)
+        return treedef.unflatten(_rescale(placement, leaves, step.scale)), new_state
 
-
-def _checkers(reference_caps: bool) -> dict[str, Callable[[str, Any], Any]]:
-    def beta(name: str, v: Any) -> Any:
-        return _validation.check_number(name, v, minimum=0.0, maximum=1.0, maximum_exclusive=True)
-
-    def nonneg(name: str, v: Any) -> Any:
-        return _validation.check_number(name, v, minimum=0.0)
-
-    def mult(name: str, v: Any) -> Any:
-        return _validation.check_schedule_or_number(name, v, minimum=0.0)
-
-    def reference_cap(name: str, v: Any) -> Any:
-        return _validation.check_number(
-            name, v, minimum=0.0, allowed="in [0.0, inf) (0 is off; any other value is a cap)"
-        )
-
-    def up_cap(name: str, v: Any) -> Any:
-        if reference_caps:
-            return reference_cap(name, v)
-        return _validation.check_cap(
-            name,
-            v,
-            low=1.0,
-            high=math.inf,
-            meaning="a ceiling on an upward scale",
-            allowed="0 (off) or >= 1",
-        )
-
-    def down_cap(name: str, v: Any) -> Any:
-        if reference_caps:
-            return reference_cap(name, v)
-        return _validation.check_cap(
-            name,
-            v,
-            low=0.0,
-            high=1.0,
-            meaning="a floor on a downward scale",
-            allowed="0 (off) or in (0, 1]",
-        )
-
-    def boolean(name: str, v: Any) -> Any:
-        return (
-            v
-            if _validation.is_traced(v) or isinstance(v, jax.Array)
-            else (_validation.check_bool(name, v))
-        )
-
-    return {
-        "ema_beta": beta,
-        "low_mult": mult,
-        "high_mult": mult,
-        "min_norm": nonneg,
-        "max_norm": nonneg,
-        "max_up_scale": up_cap,
-        "max_down_scale": down_cap,
-        "raise_small": boolean,
-    }
-
-
-def _make_config(
-    *,
-    hyper: Mapping[str, Any],
-    auto_bounds: Any,
-    param_labels: ParamLabels,
-    nonfinite: str,
-    variant: str,
-    ema_init: str,
-    bias_correction: bool,
-    group_hyperparams: Mapping[str, Mapping[str, Any]] | None,
-    axis_name: Any,
-    axis_reduction: str,
-    reference_caps: bool,
-    on_no_groups: str,
-) -> _Config:
-    checkers = _checkers(reference_caps)
-    checked = {field: checkers[field](field, hyper[field]) for field in GROUP_FIELDS}
-    if not (_validation.is_traced(auto_bounds) or isinstance(auto_bounds, jax.Array)):
-        auto_bounds = _validation.check_bool("auto_bounds", auto_bounds)
-    nonfinite = _validation.check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-    variant = _validation.check_choice("variant", variant, VARIANTS)
-    ema_init = _validation.check_choice("ema_init", ema_init, EMA_INITS)
-    bias_correction = _validation.check_bool("bias_correction", bias_correction)
-    if bias_correction and ema_init != "zero":
-        raise ValueError(
-            "bias_correction=True corrects a zero-initialised EMA; it cannot be combined "
-            f"with ema_init={ema_init!r} (allowed: ema_init='zero')"
-        )
-    axis_reduction = _validation.check_choice("axis_reduction", axis_reduction, AXIS_REDUCTIONS)
-    _check_param_labels(param_labels)
-    return _Config(
-        hyper=checked,
-        group_hyperparams=_check_group_hyperparams(group_hyperparams, checkers),
-        auto_bounds=auto_bounds,
-        param_labels=param_labels,
-        nonfinite=nonfinite,
-        variant=variant,
-        ema_init=ema_init,
-        bias_correction=bias_correction,
-        axis_name=axis_name,
-        axis_reduction=axis_reduction,
-        on_no_groups=on_no_groups,
-    )
-
-
-def _check_param_labels(param_labels: ParamLabels) -> None:
-    if isinstance(param_labels, str):
-        raise TypeError(
-            "param_labels must be None, a callable labeler, a list of (regex, label) rules "
-            f"or a pytree of labels; got the string {param_labels!r}"
-        )
-    if (
-        isinstance(param_labels, (list, tuple))
-        and param_labels
-        and all(isinstance(r, tuple) for r in param_labels)
-    ):
-        _labels.regex_labeler(param_labels)  # validates the rules now, not at init
-        return
-    if param_labels is None or callable(param_labels):
-        return
-    # A label tree: every leaf must be a str or None (its structure is checked at init).
-    flat = jax.tree_util.tree_flatten_with_path(
-        param_labels, is_leaf=lambda x: x is None or isinstance(x, str)
-    )[0]
-    for path, value in flat:
-        if not (value is None or isinstance(value, str)):
-            name = _labels.path_name(path)
-            where = f"leaf {name!r}" if name else "the root"
-            raise TypeError(
-                f"param_labels: got {value!r} ({type(value).__name__}) at {where}; "
-                "param_labels must be None, a callable labeler, a list of (regex, label) "
-                "rules, or a pytree of str/None labels shaped like the parameters"
-            )
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def aggc(
     *,
-    ema_beta: float | jax.Array = 0.95,
-    low_mult: float | jax.Array | optax.Schedule = 0.95,
-    high_mult: float | jax.Array | optax.Schedule = 0.6,
-    min_norm: float | jax.Array = 0.01,
-    max_norm: float | jax.Array = 1.0,
+    high_mult: float | jax.Array | optax.Schedule = 2.0,
+    ema_beta: float | jax.Array = 0.99,
+    ema_init: str = "first",
+    low_mult: float | jax.Array | optax.Schedule | None = None,
+    min_norm: float | jax.Array | None = None,
+    max_up_scale: float | jax.Array | None = None,
+    max_down_scale: float | jax.Array | None = None,
     auto_bounds: bool = True,
-    raise_small: bool = False,
-    max_up_scale: float | jax.Array = 1.1,
-    max_down_scale: float | jax.Array = 0.9,
-    param_labels: ParamLabels = None,
-    nonfinite: str = "skip",
+    max_norm: float | jax.Array | None = None,
     variant: str = "reference",
-    ema_init: str = "zero",
-    bias_correction: bool = False,
+    param_labels: ParamLabels = None,
     group_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
     axis_name: Any = None,
-    axis_reduction: str = "sum",
-) -> optax.GradientTransformation:
+    unlabelled: str = "warn",
+) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive Group Gradient Clipping (AGGC).
 
     Leaves are grouped by module type (every layer's ``q_proj`` in one group,
     and so on, from their pytree paths). For group :math:`j` at step :math:`t`,
     with :math:`\|g_j\| = \sqrt{\sum_i \|g_{j,i}\|^2 + 10^{-16}}` and
-    :math:`S_j` its EMA before the step (starting at 0, no bias correction):
+    :math:`S_j` its EMA before the step:
 
     .. math::
-      L_j = \max(\text{min\_norm}, \alpha_\text{low}(t) S_j), \quad
-      U_j = \max(0, \alpha_\text{high}(t) S_j),
+      U_j = \alpha_\text{high}(t)\, S_j, \qquad
+      L_j = \max(\text{min\_norm}, \alpha_\text{low}(t)\, S_j),
 
     .. math::
       c_j = \begin{cases}
         \max(U_j / (\|g_j\| + \epsilon), \text{max\_down\_scale}) &
-          U_j > 0,\ \|g_j\| > U_j + \epsilon \\
+          \|g_j\| > U_j + \epsilon \\
         \min(L_j / (\|g_j\| + \epsilon), \text{max\_up\_scale}) &
-          \text{raise\_small},\ L_j > 0,\ \|g_j\| < L_j - \epsilon \\
+          \text{raising},\ \|g_j\| < L_j - \epsilon \\
         1 & \text{otherwise,} \end{cases}
 
     every gradient of the group is multiplied by :math:`c_j` (in its own dtype)
-    and :math:`S_j \leftarrow \beta S_j + (1 - \beta) \|g_j\| c_j`; a cap of 0
-    is off, :math:`\epsilon = 10^{-12}`. With ``auto_bounds=False`` the bounds
-    are ``[min_norm, max_norm]`` and the EMA is still updated. This is exactly
-    the authors' PyTorch clipper (see ``docs/``); the update runs inside
-    ``jax.jit`` with no host round-trip, and its cost is that of a global-norm
-    clip.
+    and :math:`S_j \leftarrow \beta S_j + (1 - \beta) \|g_j\| c_j`, with
+    :math:`\epsilon = 10^{-12}`. Raising happens only when ``low_mult`` or
+    ``min_norm`` is given; a cap not given is off. With ``auto_bounds=False``
+    the bounds are ``[min_norm, max_norm]`` and the EMA is still updated.
+    A group whose norm is NaN or inf passes its gradients through unchanged and
+    keeps its EMA, so one bad batch neither disables nor inflates the group and
+    an outer ``optax.apply_if_finite`` still sees the fault. The update runs
+    inside ``jax.jit`` with no host round-trip, at the cost of a global-norm clip.
 
-    The defaults are the authors' LoRA SFT recipe (the one behind the paper's
-    headline GSM8K result): ``ema_beta=0.95``, multipliers ``0.95``/``0.6``,
-    ``min_norm=0.01``, no raising, caps ``1.1``/``0.9``. The recipe also ramps
-    the multipliers to ``0.98``/``0.7``; that needs the run's length, so use
-    ``aggc_optax.presets.lora_sft(total_steps)`` or pass
-    :func:`linear_bounds_schedule` multipliers. Note that the recipe's interval
-    is inverted (``low_mult > high_mult``): with the ``0.9`` floor it mostly
-    multiplies a group by 0.9 whenever its norm exceeds 0.6 times its EMA.
+    The defaults leave normal steps untouched and clip a group down to twice
+    its EMA when its norm exceeds that; the EMA starts at the group's first
+    norm, so the first step clips nothing and there is no warm-up with tiny bounds.
+    The authors' recipes, exactly as their PyTorch clipper runs them, are
+    ``aggc_optax.presets.lora_sft(total_steps)`` and ``presets.grpo()``
+    (``docs/reference-behaviour.md`` §9).
 
     Args:
+      high_mult: :math:`\alpha_\text{high}`, ``>= 0``: a number or an optax
+        schedule of the 0-based step count (e.g. :func:`linear_bounds_schedule`).
       ema_beta: EMA decay :math:`\beta`, in ``[0, 1)``.
-      low_mult: :math:`\alpha_\text{low}`: a number or an optax schedule of the
-        0-based step count (e.g. :func:`linear_bounds_schedule`).
-      high_mult: :math:`\alpha_\text{high}`: a number or a schedule.
+      ema_init: how :math:`S_j` starts: ``"first"`` (at the group's first finite
+        norm, as if that norm had always been seen), ``"zero"`` (at 0, as the
+        reference: the first steps clip to tiny bounds) or ``"bias_corrected"``
+        (at 0, and the bounds use :math:`S_j / (1 - \beta^n)` after ``n``
+        updates, as Adam does; the state keeps the uncorrected EMA).
+      low_mult: :math:`\alpha_\text{low}` (a number or a schedule); giving it
+        turns on raising groups below :math:`L_j`. Only with ``auto_bounds``.
       min_norm: floor of the lower bound (the whole lower bound without
-        ``auto_bounds``).
-      max_norm: the upper bound when ``auto_bounds=False``; unused otherwise.
+        ``auto_bounds``); giving it turns on raising.
+      max_up_scale: a ceiling (``>= 1``) on an upward scale; only with raising.
+      max_down_scale: a floor (in ``(0, 1]``) on a downward scale.
       auto_bounds: bounds from the EMA (``True``) or fixed ``[min_norm, max_norm]``.
-      raise_small: also scale *up* groups below the lower bound.
-      max_up_scale: a ceiling (``>= 1``) on an upward scale; 0 is off.
-      max_down_scale: a floor (in ``(0, 1]``) on a downward scale; 0 is off.
-      param_labels: how leaves get their group: ``None`` (the reference's rule,
-        :func:`reference_label`, on each leaf's dotted path), a callable
-        ``fn(name)`` or ``fn(name, leaf)`` returning a label or ``None``, a
-        list of ``(regex, label)`` rules, or a pytree of labels shaped like the
-        parameters. A leaf labelled ``None`` passes through untouched.
-      nonfinite: ``"skip"`` (default): a group whose norm is NaN or inf passes
-        its gradients through unchanged and keeps its EMA, so one bad batch
-        neither disables nor inflates the group and an outer
-        ``optax.apply_if_finite`` still sees the fault. ``"reference"``: exactly
-        the reference's behaviour (spec 8.3; a NaN disables the group forever).
+      max_norm: the fixed upper bound; required with ``auto_bounds=False`` and
+        rejected otherwise.
       variant: ``"reference"`` (bounds from the EMA before the step, fed the
         post-clip norm) or ``"paper"`` (the paper's eq. 2: the EMA of raw
-        norms, including this step, sets this step's bounds; with a zero
-        start, step 0 is then clipped to about ``(1 - beta) * high_mult``).
-      ema_init: ``"zero"`` (reference) or ``"first"``: a group's EMA starts at
-        its first observed (finite) norm, as if that norm had always been
-        seen, which avoids the tiny bounds of the warm-up.
-      bias_correction: divide the EMA by :math:`1 - \beta^n` (``n`` updates so
-        far) when building bounds, as Adam does; only with ``ema_init="zero"``.
-        The ``ema`` kept in the state stays uncorrected.
+        norms, including this step, sets this step's bounds).
+      param_labels: how leaves get their group: ``None`` (the reference's rule,
+        :func:`reference_label`, on each leaf's dotted path), a callable
+        ``fn(name)`` or ``fn(name, leaf)``, :func:`regex_labeler` rules, or a
+        pytree of labels shaped like the parameters. A label is a str, ``None``
+        (the leaf passes through untouched) or :class:`ScaleOnly` (scaled with
+        its group, not counted in the group's norm).
       group_hyperparams: per-group overrides: ``{label or regex: {field: value}}``
         for any of ``ema_beta, low_mult, high_mult, min_norm, max_norm,
-        max_up_scale, max_down_scale, raise_small``. An exact label wins over
-        patterns; among patterns (matched in full) the first wins; fields not
-        given take the arguments above, which are the default entry (there is
-        no magic key: a last entry ``".*"`` is a catch-all). A key matching
-        no group warns at ``init``. ``docs/variants.md`` shows when to use
-        each of ``variant``, ``ema_init``, ``bias_correction`` and
-        ``group_hyperparams``; ``aggc_optax.presets`` has ready-made settings.
+        max_up_scale, max_down_scale``, with the meanings above (``None`` is
+        "not given"). An exact label wins over patterns; among patterns
+        (matched in full) the first wins; fields not given take the arguments
+        above. A key matching no group warns at ``init``.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over
-        which the per-group sums of squares are reduced. Not needed under
-        ``jax.jit`` with sharded arrays: there the norms are already global.
-      axis_reduction: ``"sum"`` (the true norm of gradients sharded over the
-        axis) or ``"mean"`` (the reference's ``sync_dist``: the root of the
-        mean over devices of the squared norms).
+        which the per-group sums of squares are summed, so the norms are those
+        of the whole sharded gradient. Not needed under ``jax.jit`` with
+        sharded arrays: there the norms are already global.
+      unlabelled: what ``init`` does when the default rule (``param_labels=None``)
+        leaves floating-point leaves in no group: ``"warn"`` (how many, their
+        share of the parameters, the first paths), ``"error"`` or ``"ignore"``.
+        Leaves a labeler or label tree maps to ``None`` are left out on purpose
+        and never reported.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is an :class:`AGGCState`;
-      read its statistics with :func:`group_stats`.
+      An ``optax.GradientTransformationExtraArgs`` whose state is an
+      :class:`AGGCState`; read its statistics with :func:`group_stats`.
 
     Example:
       >>> import jax.numpy as jnp, optax, aggc_optax
@@ -698,27 +525,49 @@ def aggc(
       Large Language Model Training <https://arxiv.org/abs/2601.11864>`_,
       Findings of ACL 2026.
     """
-    config = _make_config(
-        hyper={
-            "ema_beta": ema_beta,
-            "low_mult": low_mult,
-            "high_mult": high_mult,
-            "min_norm": min_norm,
-            "max_norm": max_norm,
-            "max_up_scale": max_up_scale,
-            "max_down_scale": max_down_scale,
-            "raise_small": raise_small,
-        },
+    fields = {
+        "ema_beta": ema_beta,
+        "low_mult": low_mult,
+        "high_mult": high_mult,
+        "min_norm": min_norm,
+        "max_norm": max_norm,
+        "max_up_scale": max_up_scale,
+        "max_down_scale": max_down_scale,
+    }
+    config = _config.aggc_config(
+        fields,
         auto_bounds=auto_bounds,
-        param_labels=param_labels,
-        nonfinite=nonfinite,
         variant=variant,
         ema_init=ema_init,
-        bias_correction=bias_correction,
+        param_labels=param_labels,
         group_hyperparams=group_hyperparams,
         axis_name=axis_name,
-        axis_reduction=axis_reduction,
-        reference_caps=False,
-        on_no_groups="error",
+        unlabelled=unlabelled,
     )
     return _build(config)
+
+
+def _register_with_flax() -> None:
+    try:
+        from flax import serialization
+    except ImportError:  # flax is optional
+        return
+
+    def to_state_dict(labels: GroupLabels) -> dict[str, str]:
+        return {str(i): label for i, label in enumerate(labels)}
+
+    def from_state_dict(target: GroupLabels, state: Mapping[str, str]) -> GroupLabels:
+        restored = tuple(state[str(i)] for i in range(len(state)))
+        if restored != tuple(target):
+            raise ValueError(
+                f"aggc: the saved state has the groups {list(restored)}, the target "
+                f"{list(target)}; build the target from the same parameters and param_labels"
+            )
+        return target
+
+    serialization.register_serialization_state(
+        GroupLabels, to_state_dict, from_state_dict, override=True
+    )
+
+
+_register_with_flax()

@@ -8,14 +8,15 @@ trees and Flax NNX states alike.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+
+from aggc_optax._scale_only import ScaleOnly
 
 # Spec section 2, rule 1: ordered; the first token of this list that matches wins.
 REFERENCE_TOKENS: tuple[str, ...] = (
@@ -36,8 +37,8 @@ REFERENCE_TOKENS: tuple[str, ...] = (
 )
 
 Labeler = Callable[..., "str | None"]
-# None, a labeler, a list of (regex, label) rules, or a pytree of labels
-# matching the parameters.
+# None, a labeler fn(name) / fn(name, leaf), or a pytree of labels matching the
+# parameters (see leaf_labels).
 ParamLabels = Any
 
 
@@ -199,105 +200,93 @@ def _labeler_arity(fn: Callable[..., Any]) -> int:
     return 1 if len(positional) <= 1 else 2
 
 
-def _is_rule_list(obj: Any) -> bool:
+_FORMS = (
+    "param_labels must be None (the reference's rule), a callable fn(name) or fn(name, leaf), "
+    "aggc_optax.regex_labeler(rules) for (regex, label) rules, or a pytree of labels (str, "
+    "ScaleOnly or None) shaped like the parameters"
+)
+
+
+def _is_label(x: Any) -> bool:
+    return x is None or isinstance(x, (str, ScaleOnly))
+
+
+def _looks_like_rules(obj: Any) -> bool:
     return (
         isinstance(obj, (list, tuple))
         and len(obj) > 0
-        and all(isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], str) for r in obj)
+        and all(isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in obj)
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class GroupLayout:
-    """Static description of how a tree's leaves map to AGGC groups.
-
-    Attributes:
-      labels: group labels in order of first appearance in the flattened tree.
-      leaf_names: dotted name of every leaf, in flattening order.
-      leaf_groups: per leaf, the index into ``labels``, or -1 for a leaf in no group.
-    """
-
-    labels: tuple[str, ...]
-    leaf_names: tuple[str, ...]
-    leaf_groups: tuple[int, ...]
-
-    def __hash__(self) -> int:  # cached: jit hashes this on every call
-        cached = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash((self.labels, self.leaf_names, self.leaf_groups))
-            object.__setattr__(self, "_hash", cached)
-        return cached
-
-    def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if not isinstance(other, GroupLayout):
-            return NotImplemented
-        return (self.labels, self.leaf_names, self.leaf_groups) == (
-            other.labels,
-            other.leaf_names,
-            other.leaf_groups,
-        )
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.labels)
+def check_param_labels(param_labels: ParamLabels) -> None:
+    """Rejects what cannot be a ``param_labels`` value, before any parameters are seen."""
+    if param_labels is None or callable(param_labels):
+        return
+    if isinstance(param_labels, (str, ScaleOnly)):
+        raise TypeError(f"{_FORMS}; got the single label {param_labels!r}")
+    for path, value in jax.tree_util.tree_flatten_with_path(param_labels, is_leaf=_is_label)[0]:
+        if not _is_label(value):
+            name = path_name(path)
+            where = f"leaf {name!r}" if name else "the root"
+            raise TypeError(f"{_FORMS}; got {value!r} ({type(value).__name__}) at {where}")
 
 
-jax.tree_util.register_static(GroupLayout)
-
-
-def _check_label(value: Any, name: str, source: str) -> str | None:
-    if value is None or isinstance(value, str):
+def _check_label(value: Any, name: str, source: str) -> Any:
+    if _is_label(value):
         return value
     raise TypeError(
         f"param_labels: the {source} returned {value!r} ({type(value).__name__}) for "
-        f"leaf {name!r}; a label must be a str or None"
+        f"leaf {name!r}; a label must be a str, a ScaleOnly or None"
     )
 
 
-def _labels_from_tree(labels_tree: Any, names: list[str]) -> list[str | None]:
-    def is_label_leaf(x: Any) -> bool:
-        return x is None or isinstance(x, str)
+def _mismatch(labels_tree: Any, detail: str) -> ValueError:
+    hint = ""
+    if _looks_like_rules(labels_tree):
+        hint = (
+            " It looks like a list of (regex, label) rules: a bare list or tuple is always read "
+            "as a label tree; pass rules as param_labels=aggc_optax.regex_labeler(rules)."
+        )
+    return ValueError(
+        f"param_labels: the label tree does not match the parameters: {detail}.{hint}"
+    )
 
-    flat = jax.tree_util.tree_flatten_with_path(labels_tree, is_leaf=is_label_leaf)[0]
+
+def _labels_from_tree(labels_tree: Any, names: list[str]) -> list[Any]:
+    flat = jax.tree_util.tree_flatten_with_path(labels_tree, is_leaf=_is_label)[0]
     label_names = [path_name(p) for p, _ in flat]
-    if label_names != names:
-        for i, (a, b) in enumerate(zip(names, label_names)):
-            if a != b:
-                raise ValueError(
-                    f"param_labels: the label tree does not match the parameters: leaf {i} "
-                    f"is {a!r} in the parameters but {b!r} in param_labels"
-                )
-        longer, what = (
-            (names, "parameters")
-            if len(names) > len(label_names)
-            else (
-                label_names,
-                "param_labels",
+    for i, (a, b) in enumerate(zip(names, label_names)):
+        if a != b:
+            raise _mismatch(
+                labels_tree, f"leaf {i} is {a!r} in the parameters but {b!r} in param_labels"
             )
+    if len(names) != len(label_names):
+        longer, what = (
+            (names, "parameters") if len(names) > len(label_names) else (label_names, "labels")
         )
         first = longer[min(len(names), len(label_names))]
-        raise ValueError(
-            "param_labels: the label tree does not match the parameters: "
+        raise _mismatch(
+            labels_tree,
             f"{len(names)} parameter leaves but {len(label_names)} labels; the first "
-            f"unmatched path is {first!r} (only in the {what})"
+            f"unmatched path is {first!r} (only in the {what})",
         )
     return [_check_label(v, n, "label tree") for (_, v), n in zip(flat, names)]
 
 
-def leaf_labels(
-    params: Any, param_labels: ParamLabels = None
-) -> tuple[list[str], list[str | None]]:
-    """Dotted names and group labels of every leaf of ``params``.
+def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str], list[Any]]:
+    """Dotted names and labels of every leaf of ``params``: the one ``param_labels`` dispatcher.
 
     Args:
       params: a pytree of arrays (or of anything with a shape: only paths and,
         for a callable labeler, the leaves themselves are looked at).
-      param_labels: ``None`` (the reference rule on each dotted name), a
-        callable ``fn(name)`` or ``fn(name, leaf)`` returning a str or None, a
-        list of ``(regex, label)`` rules (see :func:`regex_labeler`), or a pytree
-        of str/None labels with the structure of ``params``.
+      param_labels: ``None`` (:func:`reference_label` on each dotted name), a
+        callable ``fn(name)`` or ``fn(name, leaf)``, or a pytree of labels with
+        the structure of ``params``. A label is a str, a
+        :class:`~aggc_optax.ScaleOnly` or ``None``. (regex, label) rules go
+        through :func:`regex_labeler`, which makes them a callable: a bare list
+        or tuple is always a label tree, so ``(("a", "b"),)`` labels the
+        parameters ``((x, y),)``.
 
     Returns:
       ``(names, labels)``, both in ``jax.tree_util`` flattening order.
@@ -306,9 +295,6 @@ def leaf_labels(
     names = [path_name(p) for p, _ in flat]
     if param_labels is None:
         return names, [reference_label(n) for n in names]
-    if _is_rule_list(param_labels):
-        fn = regex_labeler(param_labels)
-        return names, [_check_label(fn(n), n, "rule list") for n in names]
     if callable(param_labels) and not isinstance(param_labels, Mapping):
         arity = _labeler_arity(param_labels)
         out = []
@@ -319,19 +305,43 @@ def leaf_labels(
     return names, _labels_from_tree(param_labels, names)
 
 
-def build_layout(params: Any, param_labels: ParamLabels = None) -> GroupLayout:
-    """Resolve labels and fix the group order (first appearance in the tree)."""
-    names, labels = leaf_labels(params, param_labels)
+class Placement(NamedTuple):
+    """Where each leaf of a tree goes: recomputed from the paths, never stored in a state.
+
+    Attributes:
+      labels: the group labels, in order of first appearance in the flattened tree.
+      names: every leaf's dotted name.
+      groups: per leaf, its index into ``labels``, or -1 for a leaf in no group.
+      counted: per leaf, whether it counts in its group's norm (a
+        :class:`~aggc_optax.ScaleOnly` leaf is only scaled).
+    """
+
+    labels: tuple[str, ...]
+    names: tuple[str, ...]
+    groups: tuple[int, ...]
+    counted: tuple[bool, ...]
+
+
+def place(tree: Any, param_labels: ParamLabels = None) -> Placement:
+    """The :class:`Placement` of ``tree``'s leaves under ``param_labels``."""
+    names, labels = leaf_labels(tree, param_labels)
     order: dict[str, int] = {}
-    groups = []
+    groups, counted = [], []
     for label in labels:
         if label is None:
             groups.append(-1)
+            counted.append(False)
             continue
-        if label not in order:
-            order[label] = len(order)
-        groups.append(order[label])
-    return GroupLayout(tuple(order), tuple(names), tuple(groups))
+        key = label.label if isinstance(label, ScaleOnly) else label
+        groups.append(order.setdefault(key, len(order)))
+        counted.append(not isinstance(label, ScaleOnly))
+    norm_less = set(order) - {lab for lab, c in zip(labels, counted) if c}
+    if norm_less:
+        raise ValueError(
+            f"param_labels: the group(s) {sorted(norm_less)} have only ScaleOnly leaves, so "
+            "they have no norm to clip by; give at least one leaf of each the plain label"
+        )
+    return Placement(tuple(order), tuple(names), tuple(groups), tuple(counted))
 
 
 def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, Any]:
@@ -341,8 +351,11 @@ def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, 
 
     Returns:
       A dict with ``"groups"`` (label -> ``{"leaves": [names], "num_params": int}``,
-      in group order) and ``"unlabelled"`` (names of leaves in no group, which
-      AGGC passes through untouched).
+      in group order: what the group's norm counts, plus ``"scale_only": [names]``
+      for a group with :class:`~aggc_optax.ScaleOnly` leaves, scaled with it but
+      not counted) and
+      ``"unlabelled"`` (names of leaves in no group, which AGGC passes through
+      untouched).
 
     Example:
       >>> import jax.numpy as jnp
@@ -352,28 +365,35 @@ def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, 
       >>> info["groups"]["q_proj"]["num_params"], info["unlabelled"]
       (16, ['logit_scale'])
     """
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    names, labels = leaf_labels(params, param_labels)
-    groups: dict[str, dict[str, Any]] = {}
+    placement = place(params, param_labels)
+    groups: dict[str, dict[str, Any]] = {
+        label: {"leaves": [], "num_params": 0} for label in placement.labels
+    }
     unlabelled = []
-    for name, label, (_, leaf) in zip(names, labels, flat):
-        if label is None:
+    leaves = jax.tree_util.tree_leaves(params)
+    for name, group, counted, leaf in zip(
+        placement.names, placement.groups, placement.counted, leaves
+    ):
+        if group < 0:
             unlabelled.append(name)
             continue
-        entry = groups.setdefault(label, {"leaves": [], "num_params": 0})
-        entry["leaves"].append(name)
-        entry["num_params"] += int(np.prod(np.shape(leaf), dtype=np.int64))
+        entry = groups[placement.labels[group]]
+        if counted:
+            entry["leaves"].append(name)
+            entry["num_params"] += int(np.prod(np.shape(leaf), dtype=np.int64))
+        else:
+            entry.setdefault("scale_only", []).append(name)
     return {"groups": groups, "unlabelled": unlabelled}
 
 
 __all__ = [
     "REFERENCE_TOKENS",
-    "GroupLayout",
-    "build_layout",
+    "Placement",
     "describe_groups",
     "leaf_labels",
     "lora_label",
     "path_name",
+    "place",
     "reference_label",
     "regex_labeler",
 ]

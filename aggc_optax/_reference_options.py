@@ -10,11 +10,11 @@ from typing import Any
 
 import optax
 
-from aggc_optax import _aggc, _validation
+from aggc_optax import _aggc, _config, _validation
 from aggc_optax._labels import ParamLabels
 from aggc_optax._schedule import linear_bounds_schedule
 
-#: The reference's options and their defaults (spec section 1).
+#: The reference's options and their defaults (docs/reference-behaviour.md §1).
 REFERENCE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "enable": False,
@@ -68,13 +68,11 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     _check_norm_type(merged["norm_type"])
     # Checked even with enable=False, so a bad recipe fails when it is written,
     # not on the day someone enables it. Caps take any value >= 0, as in the
-    # reference (out-of-range values invert their meaning, spec 4).
-    checkers = _aggc._checkers(reference_caps=True)
-    for key in _aggc.GROUP_FIELDS:
-        if key != "raise_small":
-            checkers[key](key, merged[key])
+    # reference (out-of-range values invert their meaning, docs/reference-behaviour.md §4).
+    for key, check in _config.REFERENCE_CHECKS.items():
+        merged[key] = check(key, merged[key])
     for key in ("low_mult_late", "high_mult_late"):
-        # any finite value: <= 0 means "use the base value" (spec 5)
+        # any finite value: <= 0 means "use the base value" (docs/reference-behaviour.md §5)
         _validation.check_number(
             key, merged[key], allowed="any finite number; <= 0 means the base value"
         )
@@ -84,7 +82,8 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_norm_type(value: Any) -> None:
-    # No effect (spec 8.4), but a typo should still fail; inf is the max norm in torch.
+    # No effect (docs/reference-behaviour.md §8), but a typo should still fail;
+    # inf is the max norm in torch.
     allowed = "a number > 0 or inf (it has no effect: the norm is always L2)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"norm_type must be {allowed}, got {value!r} ({type(value).__name__})")
@@ -97,22 +96,25 @@ def from_reference_options(
     *,
     total_steps: int | None = None,
     param_labels: ParamLabels = None,
+    nonfinite: str = "reference",
     axis_name: Any = None,
     variant: str = "reference",
     ema_init: str = "zero",
-    bias_correction: bool = False,
-    nonfinite: str = "reference",
     group_hyperparams: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> optax.GradientTransformation:
     """The transformation that behaves exactly like the reference clipper.
 
     Takes the option dict of the authors' ``PerModuleGradNormOptions`` (missing
     keys take the reference's defaults, an unknown key is a ``ValueError``) and
-    returns :func:`aggc` configured to reproduce it: the reference's labels,
-    ``nonfinite="reference"`` (spec 8.3, Python's ``max(0.0, nan) == 0.0``
-    included), caps whose out-of-range values invert their meaning accepted as
-    the reference accepts them, and, where no leaf gets a label, a pass-through
-    (the reference disables itself) with a warning.
+    returns the AGGC transformation that reproduces it, with the reference's
+    switches that :func:`aggc` does not offer: its NaN/inf behaviour
+    (``nonfinite="reference"``, Python's ``max(0.0, nan) == 0.0`` included,
+    ``docs/reference-behaviour.md`` §8), ``sync_dist``'s mean over devices,
+    ``raise_small`` and ``lower`` reported even when nothing is raised, caps
+    whose out-of-range values invert their meaning (accepted as the reference
+    accepts them, §4), and, where no leaf gets a label, a pass-through (the
+    reference disables itself, §2) with a warning. Leaves the label rule leaves
+    out are not reported (the reference does not either).
 
     Options with no counterpart:
 
@@ -124,31 +126,37 @@ def from_reference_options(
       replicated (DDP) gradients. With ``axis_name`` (inside ``shard_map`` or
       ``pmap``), ``sync_dist=True`` averages the sums of squares over that axis
       as the reference does (for sharded gradients that is the true norm
-      divided by sqrt(world size), spec 8.7), ``sync_dist=False`` sums them.
+      divided by sqrt(world size), §8), ``sync_dist=False`` sums them.
     * ``output_dir``: ignored; write the same CSV with
       ``aggc_optax.CSVLogger`` from :func:`group_stats`.
     * ``keep_global_clip``: ignored; chain ``optax.clip_by_global_norm`` after
       this transformation yourself if the recipe keeps the global clip.
 
     Args:
-      options: the reference's options (spec section 1 field names).
+      options: the reference's options (the field names of §1).
       total_steps: what the reference's ``on_train_begin`` would receive; ``None``
         or 0 means the ``linear`` schedule stays inert, as in the verl trainer.
       param_labels: override the reference's label rule (e.g.
-        ``aggc_optax.lora_label`` for the LoRA script's copy, spec section 10).
+        ``aggc_optax.lora_label`` for the LoRA script's copy, §10); the forms
+        of :func:`aggc`.
+      nonfinite: ``"reference"`` (default: §8 exactly, a NaN disables its group
+        for the rest of the run) or ``"skip"`` (:func:`aggc`'s policy: a
+        non-finite group passes through and keeps its EMA).
       axis_name: see ``sync_dist`` above.
       variant: ``"reference"`` (default) or ``"paper"``; see :func:`aggc`.
-      ema_init: ``"zero"`` (default, the reference) or ``"first"``; see :func:`aggc`.
-      bias_correction: ``False`` (default, the reference); see :func:`aggc`.
-      nonfinite: ``"reference"`` (default: spec 8.3 exactly) or ``"skip"``;
-        see :func:`aggc`.
-      group_hyperparams: ``None`` (default) or per-group overrides as in
-        :func:`aggc`; the option dict's values are the default entry. A group
-        entry's ``low_mult``/``high_mult`` replaces the recipe's (scheduled)
-        multiplier for that group: give a schedule to keep a ramp.
+      ema_init: ``"zero"`` (default, the reference), ``"first"`` or
+        ``"bias_corrected"``; see :func:`aggc`.
+      group_hyperparams: ``None`` (default) or per-group overrides
+        ``{label or regex: {option: value}}`` in the reference's vocabulary
+        (``ema_beta, low_mult, high_mult, min_norm, max_norm, max_up_scale,
+        max_down_scale, raise_small``; a cap of 0 is off); the option dict's
+        values are the default entry. A group entry's ``low_mult``/``high_mult``
+        replaces the recipe's (scheduled) multiplier for that group: give a
+        schedule to keep a ramp.
 
-      These five keywords are the fixes the reference lacks (``docs/variants.md``);
-      each is off by default, so the defaults reproduce the reference exactly.
+      ``nonfinite="skip"``, ``variant``, ``ema_init`` and ``group_hyperparams``
+      are the fixes the reference lacks (``docs/variants.md``); each is off by
+      default, so the defaults reproduce the reference exactly.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -184,27 +192,15 @@ def from_reference_options(
         low = linear_bounds_schedule(low, opts["low_mult_late"], **ramp)
         high = linear_bounds_schedule(high, opts["high_mult_late"], **ramp)
 
-    config = _aggc._make_config(
-        hyper={
-            "ema_beta": opts["ema_beta"],
-            "low_mult": low,
-            "high_mult": high,
-            "min_norm": opts["min_norm"],
-            "max_norm": opts["max_norm"],
-            "max_up_scale": opts["max_up_scale"],
-            "max_down_scale": opts["max_down_scale"],
-            "raise_small": opts["raise_small"],
-        },
-        auto_bounds=opts["auto_bounds"],
-        param_labels=param_labels,
-        nonfinite=nonfinite,
+    config = _config.reference_config(
+        opts,
+        low_mult=low,
+        high_mult=high,
         variant=variant,
         ema_init=ema_init,
-        bias_correction=bias_correction,
+        nonfinite=nonfinite,
+        param_labels=param_labels,
         group_hyperparams=group_hyperparams,
         axis_name=axis_name,
-        axis_reduction="mean" if opts["sync_dist"] else "sum",
-        reference_caps=True,
-        on_no_groups="disable",
     )
     return _aggc._build(config)

@@ -1,4 +1,5 @@
-"""The reference's linear multiplier schedule (spec section 5, paper eq. 5)."""
+"""Multiplier schedules: the reference's linear ramp (docs/reference-behaviour.md §5,
+paper eq. 5) and a cosine-shaped ramp over the same window."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from aggc_optax import _validation
 
@@ -118,3 +120,58 @@ def _constant(value: float) -> Any:
         return jnp.asarray(value, dtype=jnp.result_type(float))
 
     return schedule
+
+
+def cosine_ramp(
+    base: float,
+    late: float,
+    *,
+    total_steps: int,
+    switch_ratio: float = 0.5,
+    transition_ratio: float = 0.2,
+) -> Any:
+    r"""``base`` until step ``round(s T)``, a cosine to ``late`` over ``round(w T)`` steps.
+
+    .. math::
+      \alpha(t) = \alpha_\text{late} + (\alpha_\text{base} - \alpha_\text{late})
+      \tfrac{1}{2}\big(1 + \cos(\pi \min(t - t_0, n) / n)\big), \quad t \ge t_0,
+
+    with :math:`t_0 = \mathrm{round}(sT)` and :math:`n = \max(1, \mathrm{round}(wT))`:
+    the linear ramp of :func:`~aggc_optax.linear_bounds_schedule` with a cosine
+    shape, built from ``optax.join_schedules`` and ``optax.cosine_decay_schedule``.
+    ``late <= 0`` means ``base``, as in the reference.
+
+    Args:
+      base: the multiplier at the start.
+      late: the multiplier after the ramp.
+      total_steps: the run's number of steps ``T`` (``> 0``).
+      switch_ratio: ``s``.
+      transition_ratio: ``w``.
+
+    Returns:
+      An optax schedule of the 0-based step.
+
+    Example:
+      >>> sched = cosine_ramp(0.6, 0.7, total_steps=100, switch_ratio=0.4,
+      ...                     transition_ratio=0.3)
+      >>> [round(float(sched(t)), 4) for t in (0, 40, 55, 70, 99)]
+      [0.6, 0.6, 0.65, 0.7, 0.7]
+    """
+    base = _validation.check_number("base", base, minimum=0.0)
+    late = _validation.check_number("late", late)
+    total_steps = _validation.check_total_steps(total_steps)
+    if not total_steps:
+        raise ValueError(f"cosine_ramp: total_steps must be > 0, got {total_steps!r}")
+    switch = _validation.check_number("switch_ratio", switch_ratio, minimum=0.0, maximum=1.0)
+    window = _validation.check_number(
+        "transition_ratio", transition_ratio, minimum=0.0, maximum=1.0
+    )
+    late = late if late > 0 else base
+    start = round(switch * total_steps)
+    length = max(1, round(window * total_steps))
+    cosine = optax.cosine_decay_schedule(init_value=base - late, decay_steps=length)
+
+    def ramp(count: Any) -> Any:
+        return late + cosine(count)
+
+    return optax.join_schedules([optax.constant_schedule(base), ramp], [start])

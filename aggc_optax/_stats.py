@@ -71,7 +71,7 @@ def group_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
     out: dict[str, dict[str, jax.Array]] = {}
     for state in states:
         arrays = _split_groups({field: _unbox(getattr(state, field)) for field in STAT_FIELDS})
-        for i, label in enumerate(state.layout.labels):
+        for i, label in enumerate(state.labels):
             if label in out:
                 raise ValueError(
                     f"group_stats: the label {label!r} appears in two AGGC states; call "

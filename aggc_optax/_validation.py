@@ -119,19 +119,23 @@ def check_schedule_or_number(
 
 
 def check_cap(
-    name: str, value: Any, *, low: float, high: float, meaning: str, allowed: str | None = None
+    name: str, value: Any, *, low: float, high: float, low_inclusive: bool, meaning: str
 ) -> Any:
-    """A cap is 0 (off) or inside ``[low, high]``; outside it would invert its meaning."""
+    """A cap inside ``[low, high]`` (or ``(low, high]``); outside it would invert its meaning.
+
+    A cap that is not wanted is ``None``, checked by the caller: 0, the
+    reference's "off", is rejected here, so that it cannot be mistaken for a cap.
+    """
     if is_traced(value):
         return value
-    if allowed is None:
-        allowed = f"0 (off) or in [{low}, {high}]"
+    allowed = f"{'[' if low_inclusive else '('}{low}, {high}]" if high != math.inf else f">= {low}"
+    allowed = allowed if high == math.inf else f"in {allowed}"
     x = check_number(name, value, minimum=0.0, allowed=allowed)
-    if x != 0.0 and not (low <= x <= high):
+    if not ((low <= x if low_inclusive else low < x) and x <= high):
         raise ValueError(
-            f"{name} must be {allowed} ({meaning}), got {x!r}; "
-            "the reference accepts other values, which invert the cap's meaning: use "
-            "from_reference_options to reproduce that"
+            f"{name} must be {allowed} ({meaning}) or None (no cap), got {x!r}; the "
+            "reference takes 0 as off and accepts other values, which invert the cap's "
+            "meaning: use from_reference_options to reproduce that"
         )
     return x
 

@@ -22,35 +22,31 @@ from typing import Any
 
 import optax
 
-from aggc_optax import _validation, presets
-from aggc_optax._aggc import EMA_INITS, NONFINITE_POLICIES, VARIANTS, aggc
+from aggc_optax import _config, _validation, presets
+from aggc_optax._aggc import aggc
 from aggc_optax._labels import lora_label
-from aggc_optax._schedule import linear_bounds_schedule
+from aggc_optax._reference_options import REFERENCE_DEFAULTS
+from aggc_optax._schedule import cosine_ramp, linear_bounds_schedule
 
 PRESETS = ("lora_sft", "grpo", "default", "adagc")
 MULTIPLIER_SCHEDULES = ("constant", "linear", "cosine")
 LABEL_RULES = ("reference", "lora")
+RECIPES = {"lora_sft": presets.LORA_SFT_OPTIONS, "grpo": presets.GRPO_OPTIONS}
 
-# aggc()'s defaults (the LoRA recipe without its ramp), plus the ramp the
-# recipe would use, for the "default" preset's linear or cosine schedule.
-_DEFAULT_PRESET = {
-    **presets.LORA_SFT_OPTIONS,
-    "bounds_schedule": "none",
-}
-
-# flag dest -> the reference's option name, for the numeric hyperparameters
-_NUMERIC = {
-    "ema_beta": "ema_beta",
-    "low_mult": "low_mult",
-    "high_mult": "high_mult",
-    "low_mult_late": "low_mult_late",
-    "high_mult_late": "high_mult_late",
-    "min_norm": "min_norm",
-    "max_up_scale": "max_up_scale",
-    "max_down_scale": "max_down_scale",
-    "bounds_switch_ratio": "bounds_switch_ratio",
-    "bounds_transition_ratio": "bounds_transition_ratio",
-}
+# flag dests that are the reference's numeric options (and, where they exist, aggc()'s)
+_NUMERIC = (
+    "ema_beta",
+    "low_mult",
+    "high_mult",
+    "low_mult_late",
+    "high_mult_late",
+    "min_norm",
+    "max_up_scale",
+    "max_down_scale",
+    "bounds_switch_ratio",
+    "bounds_transition_ratio",
+)
+_RAMP = ("low_mult_late", "high_mult_late", "bounds_switch_ratio", "bounds_transition_ratio")
 
 
 def _json_mapping(text: str) -> dict[str, Any]:
@@ -96,36 +92,32 @@ def add_aggc_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
         "--aggc-preset",
         choices=PRESETS,
         default="lora_sft",
-        help="lora_sft / grpo: the authors' recipes, exactly as the reference runs them; "
-        "default: aggc()'s defaults (the LoRA recipe without its ramp, nonfinite='skip'); "
-        "adagc: per-tensor, upper bound only (--high-mult is its relative threshold). "
-        "Default: %(default)s.",
+        help="lora_sft / grpo: the authors' recipes, as the reference runs them (with a "
+        "non-finite group skipped unless --nonfinite reference); default: aggc() with the "
+        "flags given as its arguments; adagc: per-tensor, upper bound only (--high-mult is "
+        "its relative threshold). Default: %(default)s.",
     )
     group.add_argument(
         "--variant",
-        choices=VARIANTS,
+        choices=_config.VARIANTS,
         default=None,
         help="reference: bounds from the EMA before the step, fed post-clip norms; paper: "
         "the paper's eq. 2, bounds from the EMA of raw norms including this step.",
     )
     group.add_argument(
         "--ema-init",
-        choices=EMA_INITS,
+        choices=_config.EMA_INITS,
         default=None,
-        help="zero (reference) or first: start each group's EMA at its first norm.",
-    )
-    group.add_argument(
-        "--bias-correction",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="divide the EMA by 1 - beta**n when building bounds (only with --ema-init zero).",
+        help="zero (reference): the EMA starts at 0; first: at each group's first norm; "
+        "bias_corrected: at 0, with Adam's bias correction in the bounds.",
     )
     group.add_argument(
         "--nonfinite",
-        choices=NONFINITE_POLICIES,
+        choices=_config.NONFINITE_POLICIES,
         default=None,
-        help="reference: a NaN disables a group for good (spec 8.3); skip: a non-finite "
-        "group passes through and keeps its EMA.",
+        help="lora_sft / grpo only. skip (default): a non-finite group passes through and "
+        "keeps its EMA; reference: a NaN disables the group for good, as in the reference "
+        "(docs/reference-behaviour.md §8).",
     )
     group.add_argument(
         "--group-hparams",
@@ -151,7 +143,8 @@ def add_aggc_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
         "--raise-small",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="scale up groups below their lower bound.",
+        help="lora_sft / grpo only: scale up groups below their lower bound (with the "
+        "default preset, --low-mult or --min-norm turns raising on).",
     )
     group.add_argument(
         "--aggc-labels",
@@ -163,82 +156,113 @@ def add_aggc_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     return group
 
 
-def cosine_ramp(
-    base: float,
-    late: float,
-    *,
-    total_steps: int,
-    switch_ratio: float = 0.5,
-    transition_ratio: float = 0.2,
-) -> optax.Schedule:
-    r"""``base`` until step ``round(s T)``, a cosine to ``late`` over ``round(w T)`` steps.
-
-    .. math::
-      \alpha(t) = \alpha_\text{late} + (\alpha_\text{base} - \alpha_\text{late})
-      \tfrac{1}{2}\big(1 + \cos(\pi \min(t - t_0, n) / n)\big), \quad t \ge t_0,
-
-    with :math:`t_0 = \mathrm{round}(sT)` and :math:`n = \max(1, \mathrm{round}(wT))`:
-    the linear ramp of :func:`~aggc_optax.linear_bounds_schedule` with a cosine
-    shape, built from ``optax.join_schedules`` and ``optax.cosine_decay_schedule``.
-    ``late <= 0`` means ``base``, as in the reference.
-
-    Args:
-      base: the multiplier at the start.
-      late: the multiplier after the ramp.
-      total_steps: the run's number of steps ``T`` (``> 0``).
-      switch_ratio: ``s``.
-      transition_ratio: ``w``.
-
-    Returns:
-      An optax schedule of the 0-based step.
-
-    Example:
-      >>> sched = cosine_ramp(0.6, 0.7, total_steps=100, switch_ratio=0.4,
-      ...                     transition_ratio=0.3)
-      >>> [round(float(sched(t)), 4) for t in (0, 40, 55, 70, 99)]
-      [0.6, 0.6, 0.65, 0.7, 0.7]
-    """
-    base = _validation.check_number("base", base, minimum=0.0)
-    late = _validation.check_number("late", late)
-    total_steps = _validation.check_total_steps(total_steps)
-    if not total_steps:
-        raise ValueError(f"cosine_ramp: total_steps must be > 0, got {total_steps!r}")
-    switch = _validation.check_number("switch_ratio", switch_ratio, minimum=0.0, maximum=1.0)
-    window = _validation.check_number(
-        "transition_ratio", transition_ratio, minimum=0.0, maximum=1.0
-    )
-    late = late if late > 0 else base
-    start = round(switch * total_steps)
-    length = max(1, round(window * total_steps))
-    cosine = optax.cosine_decay_schedule(init_value=base - late, decay_steps=length)
-
-    def ramp(count: Any) -> Any:
-        return late + cosine(count)
-
-    return optax.join_schedules([optax.constant_schedule(base), ramp], [start])
-
-
-def _multipliers(
-    values: Mapping[str, Any], schedule: str, total_steps: int | None
-) -> tuple[Any, Any, str]:
-    """(low, high, bounds_schedule) for the reference's option dict."""
-    if schedule == "constant":
-        return values["low_mult"], values["high_mult"], "none"
-    if schedule == "linear":
-        return values["low_mult"], values["high_mult"], "linear"
+def _ramp(
+    kind: str, base: float, late: float, values: Mapping[str, Any], total_steps: int | None
+) -> Any:
+    """``base`` ramped to ``late`` by the ``linear`` or ``cosine`` schedule."""
     if not total_steps:
         raise ValueError(
-            "--multiplier-schedule cosine needs the run's length: pass total_steps > 0 to "
+            f"--multiplier-schedule {kind} needs the run's length: pass total_steps > 0 to "
             f"aggc_from_args (got {total_steps!r})"
         )
-    ramp = {
-        "total_steps": total_steps,
-        "switch_ratio": values["bounds_switch_ratio"],
-        "transition_ratio": values["bounds_transition_ratio"],
-    }
-    low = cosine_ramp(values["low_mult"], values["low_mult_late"], **ramp)
-    high = cosine_ramp(values["high_mult"], values["high_mult_late"], **ramp)
-    return low, high, "none"
+    build = linear_bounds_schedule if kind == "linear" else cosine_ramp
+    return build(
+        base,
+        late,
+        total_steps=total_steps,
+        switch_ratio=values["bounds_switch_ratio"],
+        transition_ratio=values["bounds_transition_ratio"],
+    )
+
+
+def _reject(preset: str, flags: Mapping[str, Any], allowed: str) -> None:
+    unusable = [flag for flag, value in flags.items() if value is not None]
+    if unusable:
+        raise ValueError(
+            f"{', '.join(unusable)} cannot be used with --aggc-preset {preset} (it takes {allowed})"
+        )
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _recipe(args: argparse.Namespace, given: Mapping[str, Any], total_steps: int | None) -> Any:
+    """lora_sft / grpo through :mod:`aggc_optax.presets`, the flags as overrides."""
+    overrides: dict[str, Any] = dict(given)
+    values = {**RECIPES[args.aggc_preset], **given}
+    schedule = args.multiplier_schedule or (
+        "linear" if args.aggc_preset == "lora_sft" else "constant"
+    )
+    overrides["bounds_schedule"] = "linear" if schedule == "linear" else "none"
+    if schedule == "cosine":
+        for key in ("low_mult", "high_mult"):
+            late = values[f"{key}_late"]
+            overrides[key] = _ramp("cosine", values[key], late, values, total_steps)
+    for key, value in (
+        ("raise_small", args.raise_small),
+        ("variant", args.variant),
+        ("ema_init", args.ema_init),
+        ("nonfinite", args.nonfinite),
+        ("group_hyperparams", args.group_hparams),
+    ):
+        if value is not None:
+            overrides[key] = value
+    builder = presets.lora_sft if args.aggc_preset == "lora_sft" else presets.grpo
+    return builder(total_steps, param_labels=_labels(args), **overrides)
+
+
+def _default(args: argparse.Namespace, given: Mapping[str, Any], total_steps: int | None) -> Any:
+    """aggc() with the flags as its arguments (unset flags take aggc()'s defaults)."""
+    reference_nan = args.nonfinite if args.nonfinite == "reference" else None
+    _reject(
+        "default",
+        {"--nonfinite reference": reference_nan, "--raise-small": args.raise_small},
+        "aggc()'s arguments: it always skips a non-finite group and raises when --low-mult "
+        "or --min-norm is given",
+    )
+    kwargs = {k: v for k, v in given.items() if k not in _RAMP}
+    schedule = args.multiplier_schedule or "constant"
+    if schedule != "constant":
+        values = {**REFERENCE_DEFAULTS, **given}
+        for key in ("low_mult", "high_mult"):
+            if key in kwargs or key == "high_mult":
+                base = kwargs.get(key, 2.0)
+                kwargs[key] = _ramp(schedule, base, values[f"{key}_late"], values, total_steps)
+    for key, value in (
+        ("variant", args.variant),
+        ("ema_init", args.ema_init),
+        ("group_hyperparams", args.group_hparams),
+    ):
+        if value is not None:
+            kwargs[key] = value
+    return aggc(param_labels=_labels(args), **kwargs)
+
+
+def _adagc(args: argparse.Namespace, given: Mapping[str, Any]) -> Any:
+    flags = {_flag(d): v for d, v in given.items() if d not in ("high_mult", "ema_beta")}
+    flags.update(
+        {
+            "--variant": args.variant,
+            "--nonfinite reference": args.nonfinite if args.nonfinite == "reference" else None,
+            "--group-hparams": args.group_hparams,
+            "--multiplier-schedule": args.multiplier_schedule,
+            "--raise-small": args.raise_small,
+        }
+    )
+    _reject(
+        "adagc",
+        flags,
+        "--high-mult as its relative threshold, --ema-beta, --ema-init and --aggc-labels",
+    )
+    kwargs = {"rel_threshold": given.get("high_mult"), "ema_beta": given.get("ema_beta")}
+    kwargs["ema_init"] = args.ema_init
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return presets.adagc(param_labels=_labels(args), **kwargs)
+
+
+def _labels(args: argparse.Namespace) -> Any:
+    return {None: None, "reference": None, "lora": lora_label}[args.aggc_labels]
 
 
 def aggc_from_args(
@@ -248,8 +272,10 @@ def aggc_from_args(
 
     ``lora_sft`` and ``grpo`` go through :mod:`aggc_optax.presets` (so through
     :func:`~aggc_optax.from_reference_options`): with no other flag they are the
-    authors' clipper exactly. ``default`` is :func:`~aggc_optax.aggc` with the
-    flags as arguments; ``adagc`` is :func:`aggc_optax.presets.adagc`.
+    authors' clipper, with a non-finite group skipped (``--nonfinite reference``
+    for the reference's NaN behaviour too). ``default`` is
+    :func:`~aggc_optax.aggc` with the flags as arguments; ``adagc`` is
+    :func:`aggc_optax.presets.adagc`.
 
     Args:
       args: the parsed namespace.
@@ -261,92 +287,16 @@ def aggc_from_args(
 
     Raises:
       ValueError: a flag that the chosen preset cannot use (e.g. ``--low-mult``
-        with ``adagc``), or a cosine schedule without ``total_steps``.
+        with ``adagc``), or a ramp without ``total_steps``.
     """
     preset = _validation.check_choice("--aggc-preset", args.aggc_preset, PRESETS)
     given = {dest: getattr(args, dest) for dest in _NUMERIC if getattr(args, dest) is not None}
-    labels = {None: None, "reference": None, "lora": lora_label}[args.aggc_labels]
-
     if preset == "adagc":
-        unusable = [f"--{d.replace('_', '-')}" for d in given if d not in ("high_mult", "ema_beta")]
-        for flag, value in (
-            ("--variant", args.variant),
-            ("--bias-correction", args.bias_correction),
-            ("--group-hparams", args.group_hparams),
-            ("--multiplier-schedule", args.multiplier_schedule),
-            ("--raise-small", args.raise_small),
-        ):
-            if value is not None:
-                unusable.append(flag)
-        if unusable:
-            raise ValueError(
-                f"{', '.join(unusable)} cannot be used with --aggc-preset adagc (it takes "
-                "--high-mult as its relative threshold, --ema-beta, --ema-init, --nonfinite "
-                "and --aggc-labels)"
-            )
-        return presets.adagc(
-            rel_threshold=given.get("high_mult", 1.05),
-            ema_beta=given.get("ema_beta", 0.98),
-            ema_init=args.ema_init or "first",
-            nonfinite=args.nonfinite or "skip",
-            param_labels=labels,
-        )
-
-    recipe = {
-        "lora_sft": presets.LORA_SFT_OPTIONS,
-        "grpo": presets.GRPO_OPTIONS,
-        "default": _DEFAULT_PRESET,
-    }[preset]
-    values = {**recipe, **given}
-    if args.raise_small is not None:
-        values["raise_small"] = args.raise_small
-    default_schedule = "linear" if preset == "lora_sft" else "constant"
-    low, high, bounds_schedule = _multipliers(
-        values, args.multiplier_schedule or default_schedule, total_steps
-    )
-    keywords = {
-        key: value
-        for key, value in (
-            ("variant", args.variant),
-            ("ema_init", args.ema_init),
-            ("bias_correction", args.bias_correction),
-            ("nonfinite", args.nonfinite),
-            ("group_hyperparams", args.group_hparams),
-            ("param_labels", labels),
-        )
-        if value is not None
-    }
-
+        return _adagc(args, given)
     if preset == "default":
-        if bounds_schedule == "linear":
-            if not total_steps:
-                raise ValueError(
-                    "--multiplier-schedule linear with --aggc-preset default needs "
-                    f"total_steps > 0 (got {total_steps!r})"
-                )
-            ramp = {
-                "total_steps": total_steps,
-                "switch_ratio": values["bounds_switch_ratio"],
-                "transition_ratio": values["bounds_transition_ratio"],
-            }
-            low = linear_bounds_schedule(low, values["low_mult_late"], **ramp)
-            high = linear_bounds_schedule(high, values["high_mult_late"], **ramp)
-        return aggc(
-            ema_beta=values["ema_beta"],
-            low_mult=low,
-            high_mult=high,
-            min_norm=values["min_norm"],
-            raise_small=values["raise_small"],
-            max_up_scale=values["max_up_scale"],
-            max_down_scale=values["max_down_scale"],
-            **keywords,
-        )
-
-    overrides = {**given, "low_mult": low, "high_mult": high, "bounds_schedule": bounds_schedule}
-    if args.raise_small is not None:
-        overrides["raise_small"] = args.raise_small
-    builder = presets.lora_sft if preset == "lora_sft" else presets.grpo
-    return builder(total_steps, **overrides, **keywords)
+        return _default(args, given, total_steps)
+    return _recipe(args, given, total_steps)
 
 
+# cosine_ramp lives in aggc_optax._schedule; it stays importable from here.
 __all__ = ["add_aggc_arguments", "aggc_from_args", "cosine_ramp"]

@@ -56,7 +56,7 @@ def _rows_from_state(opt_state: Any) -> list[Row] | None:
     for state in states:
         # One transfer per state, not one per group and field.
         vectors = jax.device_get([_unbox(getattr(state, f)) for f in _VALUE_COLUMNS])
-        for i, label in enumerate(state.layout.labels):
+        for i, label in enumerate(state.labels):
             if label in seen:
                 raise ValueError(
                     f"stats_rows: the label {label!r} appears in two AGGC states; log each "

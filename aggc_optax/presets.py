@@ -1,8 +1,11 @@
 r"""Ready-made AGGC settings: the authors' recipes and two known clippers.
 
-* :func:`lora_sft` and :func:`grpo`: the authors' two recipes (spec section 9),
-  through :func:`~aggc_optax.from_reference_options`, so they behave exactly
-  like the authors' PyTorch clipper unless an override says otherwise.
+* :func:`lora_sft` and :func:`grpo`: the authors' two recipes
+  (``docs/reference-behaviour.md`` §9), through
+  :func:`~aggc_optax.from_reference_options`, so they behave exactly like the
+  authors' PyTorch clipper, except that by default a non-finite group norm is
+  skipped (``nonfinite="skip"``); ``nonfinite="reference"`` gives the
+  reference's NaN behaviour too.
 * :func:`global_norm`: AGGC with one group, static bounds and no raising, which
   is global-norm clipping (``optax.clip_by_global_norm``) up to AGGC's
   :math:`\epsilon = 10^{-12}`.
@@ -78,7 +81,6 @@ _KEYWORDS = (
     "axis_name",
     "variant",
     "ema_init",
-    "bias_correction",
     "nonfinite",
     "group_hyperparams",
 )
@@ -88,7 +90,7 @@ def _recipe(
     name: str, recipe: Mapping[str, Any], total_steps: int | None, overrides: Mapping[str, Any]
 ) -> optax.GradientTransformation:
     options = dict(recipe)
-    keywords = {}
+    keywords: dict[str, Any] = {"nonfinite": "skip"}
     for key, value in overrides.items():
         if key in _KEYWORDS:
             keywords[key] = value
@@ -109,8 +111,11 @@ def lora_sft(total_steps: int | None, **overrides: Any) -> optax.GradientTransfo
     ``0.98``/``0.7`` between 40% and 70% of the run, ``min_norm=0.01``, no
     raising, caps ``1.1``/``0.9``, ``sync_dist`` (see
     :data:`LORA_SFT_OPTIONS`). Equal to
-    ``from_reference_options(LORA_SFT_OPTIONS, total_steps=total_steps)``: it
-    reproduces the reference exactly, ``nonfinite="reference"`` included.
+    ``from_reference_options(LORA_SFT_OPTIONS, total_steps=total_steps,
+    nonfinite="skip")``: the reference's clipper exactly on finite gradients,
+    while a group whose norm is NaN or inf passes through and keeps its EMA
+    (the reference would disable it for the rest of the run, §8). With
+    ``nonfinite="reference"`` it is the reference in that case too.
 
     Args:
       total_steps: the run's number of optimizer steps (what the LoRA script's
@@ -119,15 +124,16 @@ def lora_sft(total_steps: int | None, **overrides: Any) -> optax.GradientTransfo
       **overrides: any of the reference's option names (replacing the
         recipe's value, e.g. ``ema_beta=0.9``), or the keywords of
         :func:`~aggc_optax.from_reference_options`: ``param_labels``,
-        ``axis_name``, ``variant``, ``ema_init``, ``bias_correction``,
-        ``nonfinite``, ``group_hyperparams``.
+        ``axis_name``, ``variant``, ``ema_init``, ``nonfinite`` (default
+        ``"skip"``), ``group_hyperparams``.
 
     Returns:
       An ``optax.GradientTransformation``.
 
     Example:
       >>> from aggc_optax import presets
-      >>> tx = presets.lora_sft(2000, ema_init="first", nonfinite="skip")
+      >>> tx = presets.lora_sft(2000, ema_init="first")
+      >>> exact = presets.lora_sft(2000, nonfinite="reference")  # NaN as the reference too
 
     References:
       Li, Wu, Chang, `AGGC <https://arxiv.org/abs/2601.11864>`_, 2026 (appendix C).
@@ -141,11 +147,13 @@ def grpo(total_steps: int | None = None, **overrides: Any) -> optax.GradientTran
     ``ema_beta=0.99``, multipliers ``0.98``/``0.7`` (late ``0.98``/``0.999``,
     switch 0.6, transition 0.2), ``min_norm=0``, raising on, caps
     ``1.1``/``0.9`` (see :data:`GRPO_OPTIONS`). Equal to
-    ``from_reference_options(GRPO_OPTIONS, total_steps=total_steps)``.
+    ``from_reference_options(GRPO_OPTIONS, total_steps=total_steps,
+    nonfinite="skip")``, as for :func:`lora_sft`.
 
     The default ``total_steps=None`` is what the authors ran: the verl trainer
     never calls ``on_train_begin``, so the recipe's linear schedule is inert
-    there (spec 8.8). Pass the run's length to get the ramp the script asks for.
+    there (``docs/reference-behaviour.md`` §8). Pass the run's length to get
+    the ramp the script asks for.
 
     Args:
       total_steps: ``None`` (the recipe as run) or the run's number of steps.
@@ -162,7 +170,7 @@ def _single_group(name: str) -> str:
     return "global"
 
 
-def global_norm(max_norm: float, *, nonfinite: str = "skip") -> optax.GradientTransformation:
+def global_norm(max_norm: float) -> optax.GradientTransformation:
     r"""Global-norm clipping, written as AGGC with one group and static bounds.
 
     Every leaf is in the single group ``"global"``; the bounds are
@@ -183,15 +191,13 @@ def global_norm(max_norm: float, *, nonfinite: str = "skip") -> optax.GradientTr
     this leaves alone, included). In float32 the different order of the
     roundings adds a few ulps (``tests/test_presets.py`` checks ``rtol=1e-6``;
     in float64, ``rtol=1e-12 + 1e-15`` for ``max_norm = 1``). A non-finite norm differs
-    by design: ``nonfinite="skip"`` passes the gradients through unchanged,
-    optax turns them into NaN.
+    by design: AGGC passes the gradients through unchanged, optax turns them into NaN.
 
     It exists to relate AGGC to the clipper it replaces (and for tests); in
     training, ``optax.clip_by_global_norm`` is the simpler choice.
 
     Args:
       max_norm: the largest global norm let through; ``> 0``.
-      nonfinite: ``"skip"`` or ``"reference"``, as in :func:`~aggc_optax.aggc`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -208,16 +214,7 @@ def global_norm(max_norm: float, *, nonfinite: str = "skip") -> optax.GradientTr
     max_norm = _validation.check_number("max_norm", max_norm, minimum=0.0)
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    return aggc(
-        param_labels=_single_group,
-        auto_bounds=False,
-        min_norm=0.0,
-        max_norm=max_norm,
-        raise_small=False,
-        max_up_scale=0.0,
-        max_down_scale=0.0,
-        nonfinite=nonfinite,
-    )
+    return aggc(param_labels=_single_group, auto_bounds=False, max_norm=max_norm)
 
 
 def _per_tensor(name: str) -> str:
@@ -230,12 +227,11 @@ def adagc(
     *,
     ema_init: str = "first",
     param_labels: ParamLabels = None,
-    nonfinite: str = "skip",
 ) -> optax.GradientTransformation:
     r"""Per-tensor adaptive clipping in the style of AdaGC, written as AGGC.
 
     One group per tensor (by default: the label is the leaf's dotted path),
-    only an upper bound (``low_mult=0``, ``min_norm=0``, no raising, no caps):
+    only an upper bound (no raising, no caps):
     with :math:`\gamma_i` the tensor's EMA before the step,
 
     .. math::
@@ -265,11 +261,11 @@ def adagc(
         for the equivalence above. 1.05 here is a starting point, not a value
         from the AdaGC paper.
       ema_beta: :math:`\beta`, in ``[0, 1)``.
-      ema_init: ``"first"`` (default) or ``"zero"``, as in :func:`~aggc_optax.aggc`.
+      ema_init: ``"first"`` (default), ``"zero"`` or ``"bias_corrected"``, as in
+        :func:`~aggc_optax.aggc`.
       param_labels: ``None`` (one group per leaf) or any labeling of
         :func:`~aggc_optax.aggc` (e.g. per module type, which is then AGGC
         with only an upper bound).
-      nonfinite: ``"skip"`` or ``"reference"``, as in :func:`~aggc_optax.aggc`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -288,16 +284,9 @@ def adagc(
         raise ValueError(f"rel_threshold must be > 0, got {rel_threshold!r}")
     return aggc(
         ema_beta=ema_beta,
-        low_mult=0.0,
         high_mult=rel_threshold,
-        min_norm=0.0,
-        auto_bounds=True,
-        raise_small=False,
-        max_up_scale=0.0,
-        max_down_scale=0.0,
-        param_labels=_per_tensor if param_labels is None else param_labels,
         ema_init=ema_init,
-        nonfinite=nonfinite,
+        param_labels=_per_tensor if param_labels is None else param_labels,
     )
 
 

@@ -398,7 +398,7 @@ def run_updates(
     groups = {}
     for k in keys:
         if variants[k][0] == "aggc":
-            groups[k] = clip_states[k].layout.num_groups
+            groups[k] = len(clip_states[k].labels)
     out = {
         k: {
             "method": variants[k][0],

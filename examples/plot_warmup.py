@@ -88,13 +88,18 @@ def run(tx: optax.GradientTransformation, stream) -> dict[str, np.ndarray]:
 
 
 # a plain interval, no caps: [0.5, 2] x EMA, beta 0.95
-PLAIN = dict(ema_beta=0.95, low_mult=0.5, high_mult=2.0, min_norm=0.0, max_up_scale=0.0,
-             max_down_scale=0.0, raise_small=True)  # fmt: skip
+PLAIN = dict(ema_beta=0.95, low_mult=0.5, high_mult=2.0, min_norm=0.0, ema_init="zero")
+
+
+def _plain(**kw):
+    """aggc() with PLAIN, ``kw`` overriding it."""
+    return aggc_optax.aggc(**{**PLAIN, **kw})
+
 
 WARMUP_VARIANTS = {
     "reference (zero start)": {},
     "ema_init='first'": {"ema_init": "first"},
-    "bias_correction": {"bias_correction": True},
+    "ema_init='bias_corrected'": {"ema_init": "bias_corrected"},
     "variant='paper'": {"variant": "paper"},
     "paper + first": {"variant": "paper", "ema_init": "first"},
 }
@@ -105,7 +110,7 @@ def plot_warmup(stream, steps: int, path: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     for row, (title, build) in enumerate(
         (
-            ("[0.5, 2] x EMA, beta 0.95, no caps", lambda kw: aggc_optax.aggc(**PLAIN, **kw)),
+            ("[0.5, 2] x EMA, beta 0.95, no caps", lambda kw: _plain(**kw)),
             ("LoRA SFT recipe (presets.lora_sft)", lambda kw: presets.lora_sft(steps, **kw)),
         )
     ):
@@ -142,12 +147,12 @@ def plot_fault(stream, steps: int, path: str) -> None:
         "global norm 6.0": (optax.clip_by_global_norm(6.0), True),
         "lora_sft (as published)": (presets.lora_sft(steps), True),
         "lora_sft, max_down_scale=0": (presets.lora_sft(steps, max_down_scale=0.0), False),
-        "[0.5, 2] x EMA (reference)": (aggc_optax.aggc(**PLAIN), True),
-        "[0.5, 2] x EMA, first": (aggc_optax.aggc(**PLAIN, **first), True),
-        "[0.5, 2] x EMA, paper+first": (aggc_optax.aggc(**PLAIN, **first, variant="paper"), True),
-        "[0.5, 2], MLP 1.2": (aggc_optax.aggc(**PLAIN, group_hyperparams=mlp_tight), False),
+        "[0.5, 2] x EMA (reference)": (_plain(), True),
+        "[0.5, 2] x EMA, first": (_plain(**first), True),
+        "[0.5, 2] x EMA, paper+first": (_plain(**first, variant="paper"), True),
+        "[0.5, 2], MLP 1.2": (_plain(group_hyperparams=mlp_tight), False),
         "[0.5, 2], MLP 1.2, first": (
-            aggc_optax.aggc(**PLAIN, **first, group_hyperparams=mlp_tight),
+            _plain(**first, group_hyperparams=mlp_tight),
             True,
         ),
         "adagc (per tensor)": (presets.adagc(), True),

@@ -220,7 +220,7 @@ def build_aggc(args: argparse.Namespace, total_steps: int) -> optax.GradientTran
     linear ramp of the multipliers (0.95 -> 0.98 and 0.6 -> 0.7, starting at
     40% of the run, over 30% of it), and ``aggc()``'s safe ``nonfinite="skip"``
     policy. The flags of :mod:`aggc_optax.cli` switch on every variant
-    (``--ema-init first``, ``--variant paper``, ``--bias-correction``,
+    (``--ema-init first``, ``--variant paper``, ``--ema-init bias_corrected``,
     ``--group-hparams``, ``--multiplier-schedule``, ``--aggc-preset``, ...).
     """
     return aggc_from_args(args, total_steps)

@@ -102,7 +102,9 @@ def main(process_id: int, port: int, out_path: str) -> None:
     shards = {"model.layers.0.self_attn.q_proj.weight": np.array([[3.0, 4.0], [0.0, 0.0]])}
     shards = {k: v.astype(np.float32) for k, v in shards.items()}
     for reduction in ("mean", "sum"):
-        tx_sync = aggc_optax.aggc(axis_name="d", axis_reduction=reduction)
+        tx_sync = aggc_optax.from_reference_options(
+            {"enable": True, "auto_bounds": True, "sync_dist": reduction == "mean"}, axis_name="d"
+        )
         sync_step = jax.jit(
             jax.shard_map(
                 lambda g, s, tx_sync=tx_sync: tx_sync.update(g, s),

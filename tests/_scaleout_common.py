@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.spec_model import SpecClipper, spec_label
+from tests.spec_model import SpecClipper, aggc_options, spec_label
 
 # Every dimension is a multiple of 8, so each leaf can be split over 8 devices on any axis.
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -40,31 +40,17 @@ SHAPES: dict[str, tuple[int, ...]] = {
 LABELS: dict[str, str | None] = {name: spec_label(name) for name in SHAPES}
 GROUPS: tuple[str, ...] = tuple(sorted({lab for lab in LABELS.values() if lab is not None}))
 
-# Two configurations, given to aggc() and to the spec model alike.
+# Two configurations of aggc(); the spec model gets their documented meaning
+# (tests.spec_model.aggc_options). Both start the EMA at zero, as the reference, and
+# leave residual_gate out on purpose (unlabelled="ignore").
 CONFIGS: dict[str, dict[str, Any]] = {
-    # aggc()'s defaults: the authors' LoRA SFT recipe without its schedule.
-    "recipe": {
-        "ema_beta": 0.95,
-        "low_mult": 0.95,
-        "high_mult": 0.6,
-        "min_norm": 0.01,
-        "auto_bounds": True,
-        "raise_small": False,
-        "max_up_scale": 1.1,
-        "max_down_scale": 0.9,
-    },
+    # the LoRA SFT recipe's clipping without its ramp: no raising, the 0.9 floor
+    "recipe": {"ema_beta": 0.95, "high_mult": 0.6, "max_down_scale": 0.9, "ema_init": "zero",
+               "unlabelled": "ignore"},
     # No caps and raising on: scales are the raw bound / norm ratios, both directions.
-    "raise": {
-        "ema_beta": 0.5,
-        "low_mult": 0.9,
-        "high_mult": 1.1,
-        "min_norm": 0.0,
-        "auto_bounds": True,
-        "raise_small": True,
-        "max_up_scale": 0.0,
-        "max_down_scale": 0.0,
-    },
-}
+    "raise": {"ema_beta": 0.5, "low_mult": 0.9, "high_mult": 1.1, "min_norm": 0.0,
+              "ema_init": "zero", "unlabelled": "ignore"},
+}  # fmt: skip
 
 
 def make_aggc(config: str, **extra: Any) -> Any:
@@ -91,7 +77,9 @@ def grad_trajectory(
 
 
 def spec_clipper(config: str) -> SpecClipper:
-    return SpecClipper(**CONFIGS[config])
+    options = aggc_options(**CONFIGS[config])
+    assert options.pop("ema_init") == "zero"
+    return SpecClipper(**options)
 
 
 def spec_trajectory(

@@ -277,10 +277,17 @@ def test_axis_reduction_mean_is_the_references_sync_dist() -> None:
     }
     assert by_ref[True] == pytest.approx(math.sqrt(25.0 / 2), rel=1e-6)  # 3.5355...
     assert by_ref[False] == pytest.approx(5.0, rel=1e-6)
-    mean = _sync_norm(aggc_optax.aggc(axis_name="d", axis_reduction="mean"), mesh, shards)
+    mean = _sync_norm(_reference_sync(), mesh, shards)
     total = _sync_norm(aggc_optax.aggc(axis_name="d"), mesh, shards)
     assert mean == pytest.approx(3.5355339, rel=1e-6)
     assert total == pytest.approx(5.0, rel=1e-6)
+
+
+def _reference_sync() -> Any:
+    # the reference's sync_dist (a mean over devices) is a from_reference_options switch
+    return aggc_optax.from_reference_options(
+        {"enable": True, "auto_bounds": True, "sync_dist": True}, axis_name="d"
+    )
 
 
 def test_mean_reduction_of_replicated_gradients_is_the_true_norm() -> None:
@@ -289,7 +296,7 @@ def test_mean_reduction_of_replicated_gradients_is_the_true_norm() -> None:
     mesh = jax.make_mesh((8,), ("d",))
     row = np.array([1.0, 2.0, 2.0], np.float32)  # norm 3
     replicated = np.tile(row, (8, 1))
-    mean = _sync_norm(aggc_optax.aggc(axis_name="d", axis_reduction="mean"), mesh, replicated)
+    mean = _sync_norm(_reference_sync(), mesh, replicated)
     total = _sync_norm(aggc_optax.aggc(axis_name="d"), mesh, replicated)
     assert mean == pytest.approx(3.0, rel=1e-6)
     assert total == pytest.approx(3.0 * math.sqrt(8), rel=1e-6)
@@ -424,7 +431,7 @@ def test_single_device_checkpoint_restores_into_fsdp(tmp_path: Any) -> None:
     ):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert got.sharding.is_equivalent_to(tgt.sharding, got.ndim)
-    assert restored[0].layout == opt_state[0].layout
+    assert restored[0].labels == opt_state[0].labels
     assert not restored[1][0].mu["model.norm.weight"].sharding.is_fully_replicated
 
     # Continue sharded and single-device: the same run within float32 noise.

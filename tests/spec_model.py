@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -260,3 +261,27 @@ def spec_trajectory(
         out["scale"][t], out["ema"][t] = scale, ema
     out["ties"] = np.asarray(ties)
     return out
+
+
+def aggc_options(**aggc_kwargs: Any) -> dict[str, Any]:
+    """``aggc(**aggc_kwargs)``'s documented meaning, in the reference's options.
+
+    From ``aggc()``'s docstring: raising is on exactly when ``low_mult`` or
+    ``min_norm`` is given, a value not given is 0 (so a cap not given is off),
+    ``max_norm`` is the fixed upper bound of ``auto_bounds=False``; the defaults
+    are ``high_mult=2.0, ema_beta=0.99``. The result feeds :class:`SpecClipper`,
+    :func:`spec_trajectory` or :class:`GroupModel` (which also take ``ema_init``,
+    ``variant`` and ``nonfinite``; ``aggc()`` always skips non-finite norms).
+    """
+    kw = dict(aggc_kwargs)
+    kw.pop("unlabelled", None)  # what init says about left-out leaves, not the math
+    given = {k: kw.pop(k, None) for k in ("low_mult", "min_norm", "max_up_scale",
+                                         "max_down_scale", "max_norm")}  # fmt: skip
+    options = {k: 0.0 if v is None else v for k, v in given.items()}
+    options["max_norm"] = 1.0 if given["max_norm"] is None else given["max_norm"]
+    options["raise_small"] = given["low_mult"] is not None or given["min_norm"] is not None
+    options["ema_beta"] = kw.pop("ema_beta", 0.99)
+    options["high_mult"] = kw.pop("high_mult", 2.0)
+    options["auto_bounds"] = kw.pop("auto_bounds", True)
+    options.update(kw)
+    return options

@@ -31,7 +31,8 @@ def test_no_flags_is_the_lora_recipe_exactly() -> None:
     args = _parse()
     assert args.aggc_preset == "lora_sft" and args.steps == 10
     got = _run(aggc_from_args(args, total_steps=16), traj)
-    _assert_same_trajectory(got, _run(from_reference_options(LORA, total_steps=16), traj))
+    want = from_reference_options(LORA, total_steps=16, nonfinite="skip")  # presets.lora_sft's
+    _assert_same_trajectory(got, _run(want, traj))
 
 
 def test_each_option_flag_reaches_the_transformation() -> None:
@@ -39,20 +40,25 @@ def test_each_option_flag_reaches_the_transformation() -> None:
     gh = {"q_proj": {"high_mult": 0.5}}
     args = _parse(
         "--aggc-preset", "grpo", "--ema-init", "first", "--variant", "paper",
-        "--nonfinite", "skip", "--group-hparams", json.dumps(gh), "--ema-beta", "0.9",
+        "--nonfinite", "reference", "--group-hparams", json.dumps(gh), "--ema-beta", "0.9",
         "--no-raise-small",
     )  # fmt: skip
     got = _run(aggc_from_args(args, total_steps=12), traj)
     # grpo's default schedule is "constant": the recipe as the authors ran it
     want = from_reference_options(
         dict(GRPO, ema_beta=0.9, raise_small=False), total_steps=None, ema_init="first",
-        variant="paper", nonfinite="skip", group_hyperparams=gh,
+        variant="paper", nonfinite="reference", group_hyperparams=gh,
     )  # fmt: skip
     _assert_same_trajectory(got, _run(want, traj))
-    args = _parse("--aggc-preset", "lora_sft", "--bias-correction", "--max-down-scale", "0")
+    args = _parse("--ema-init", "bias_corrected", "--max-down-scale", "0")
     got = _run(aggc_from_args(args, total_steps=12), traj)
     want = from_reference_options(dict(LORA, max_down_scale=0.0), total_steps=12,
-                                  bias_correction=True)  # fmt: skip
+                                  ema_init="bias_corrected", nonfinite="skip")  # fmt: skip
+    _assert_same_trajectory(got, _run(want, traj))
+    args = _parse("--aggc-preset", "default", "--low-mult", "0.5", "--max-down-scale", "0.8",
+                  "--ema-init", "zero", "--variant", "paper")  # fmt: skip
+    got = _run(aggc_from_args(args, total_steps=12), traj)
+    want = aggc(low_mult=0.5, max_down_scale=0.8, ema_init="zero", variant="paper")
     _assert_same_trajectory(got, _run(want, traj))
 
 
@@ -99,14 +105,17 @@ def test_cosine_multiplier_schedule_by_hand() -> None:
 
 def test_linear_and_constant_schedules_by_hand() -> None:
     traj = _trajectory(20)
-    # default preset + linear: the reference ramp, T = 20, s = 0.4, w = 0.3:
-    # base for t <= 8, late for t >= 14, t = 11: a = (0.55 - 0.4) / 0.3 = 0.5
-    args = _parse("--aggc-preset", "default", "--multiplier-schedule", "linear")
+    # default preset + linear: the reference ramp from aggc()'s 2.0 to 3.0, T = 20,
+    # s = 0.4, w = 0.3: base for t <= 8, late for t >= 14, t = 11: a = 0.15 / 0.3 = 0.5
+    args = _parse(
+        "--aggc-preset", "default", "--multiplier-schedule", "linear", "--high-mult-late", "3",
+        "--bounds-switch-ratio", "0.4", "--bounds-transition-ratio", "0.3",
+    )  # fmt: skip
     _, stats = _run(aggc_from_args(args, total_steps=20), traj)
     _, highs = _multipliers_used(stats, "up_proj")
-    assert highs[8 - 1] == pytest.approx(0.6, rel=1e-5)
-    assert highs[11 - 1] == pytest.approx(0.65, rel=1e-5)
-    assert highs[14 - 1] == pytest.approx(0.7, rel=1e-5)
+    assert highs[8 - 1] == pytest.approx(2.0, rel=1e-5)
+    assert highs[11 - 1] == pytest.approx(2.5, rel=1e-5)
+    assert highs[14 - 1] == pytest.approx(3.0, rel=1e-5)
     args = _parse("--multiplier-schedule", "constant", "--high-mult", "0.8")
     _, stats = _run(aggc_from_args(args, total_steps=20), traj)
     _, highs = _multipliers_used(stats, "up_proj")
@@ -144,8 +153,11 @@ def test_group_hparams_from_a_file_and_bad_json(tmp_path, capsys) -> None:
 
 
 def test_an_invalid_combination_fails_with_the_parameter_name() -> None:
-    with pytest.raises(ValueError, match=r"bias_correction=True .* ema_init='first'"):
-        aggc_from_args(_parse("--ema-init", "first", "--bias-correction"), 10)
+    message = "--nonfinite reference cannot be used with --aggc-preset default"
+    with pytest.raises(ValueError, match=message):
+        aggc_from_args(_parse("--aggc-preset", "default", "--nonfinite", "reference"), 10)
+    with pytest.raises(ValueError, match="max_up_scale caps an upward scale"):
+        aggc_from_args(_parse("--aggc-preset", "default", "--max-up-scale", "1.1"), 10)
 
 
 def test_lora_labels_flag() -> None:

@@ -52,7 +52,7 @@ def test_init_state_fields_are_distinct_buffers():
 
 def test_donated_update_runs_and_matches_the_undonated_one():
     params = _params()
-    tx = optax.chain(aggc_optax.aggc(raise_small=True), optax.adamw(1e-2))
+    tx = optax.chain(aggc_optax.aggc(low_mult=0.5), optax.adamw(1e-2))
     donated = jax.jit(_step(tx), donate_argnums=(0, 1))
     plain = jax.jit(_step(tx))
     p_d, s_d = jax.tree.map(jnp.copy, params), tx.init(params)

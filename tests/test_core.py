@@ -1,4 +1,4 @@
-"""aggc(): spec sections 3 and 4, checked against hand computation and tests/spec_model.py."""
+"""aggc(): docs/reference-behaviour.md §3-§4, checked by hand and against tests/spec_model.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 import aggc_optax
 from aggc_optax import aggc, group_stats
-from tests.spec_model import SpecClipper, spec_label
+from tests.spec_model import SpecClipper, aggc_options, spec_label
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
@@ -21,16 +21,10 @@ Q1 = "model.layers.1.self_attn.q_proj.weight"
 UP = "model.layers.0.mlp.up_proj.weight"
 NORM = "model.norm.weight"
 
-# aggc() with none of the LoRA recipe's extras: a plain interval, no caps.
-PLAIN = dict(
-    ema_beta=0.9,
-    low_mult=0.5,
-    high_mult=2.0,
-    min_norm=0.0,
-    max_up_scale=0.0,
-    max_down_scale=0.0,
-    raise_small=True,
-)
+# A plain interval [0.5, 2] x EMA with raising, no caps, the reference's zero start.
+PLAIN = dict(ema_beta=0.9, low_mult=0.5, high_mult=2.0, min_norm=0.0, ema_init="zero")
+# The same without raising (no lower bound given).
+NO_RAISE = dict(ema_beta=0.9, high_mult=2.0, ema_init="zero")
 
 
 def _grads(scales: dict[str, float], seed: int = 0) -> dict[str, jax.Array]:
@@ -106,7 +100,7 @@ def test_each_branch_and_cap_by_hand() -> None:
 def test_raise_small_off_leaves_small_groups_alone() -> None:
     g0 = {UP: jnp.array([3.0, 4.0])}
     g1 = {UP: jnp.array([0.03, 0.04])}
-    outs, _ = _run(aggc(**dict(PLAIN, raise_small=False)), [g0, g1])
+    outs, _ = _run(aggc(**NO_RAISE), [g0, g1])
     assert float(outs[1][1]["up_proj"]["scale"]) == 1.0
     np.testing.assert_array_equal(outs[1][0][UP], g1[UP])
 
@@ -137,7 +131,7 @@ def test_all_zero_group_has_norm_1e_8_and_feeds_the_ema_its_intended_norm() -> N
 
 def test_static_bounds_still_update_the_ema() -> None:
     g = {Q: jnp.array([3.0, 4.0])}
-    tx = aggc(**dict(PLAIN, auto_bounds=False, min_norm=1.0, max_norm=2.0))
+    tx = aggc(**dict(NO_RAISE, auto_bounds=False, min_norm=1.0, max_norm=2.0))
     outs, _ = _run(tx, [g, g])
     for _, stats in outs:
         assert float(stats["q_proj"]["upper"]) == 2.0
@@ -190,27 +184,17 @@ def _spike_trajectory(steps: int = 24) -> list[dict[str, jax.Array]]:
     [
         PLAIN,
         dict(PLAIN, max_down_scale=0.9, max_up_scale=1.1, min_norm=0.01),
-        dict(ema_beta=0.95, low_mult=0.95, high_mult=0.6, min_norm=0.01),  # LoRA recipe
-        dict(PLAIN, auto_bounds=False, min_norm=0.5, max_norm=3.0),
+        dict(ema_beta=0.95, high_mult=0.6, max_down_scale=0.9, ema_init="zero"),  # LoRA-like
+        dict(NO_RAISE, auto_bounds=False, min_norm=0.5, max_norm=3.0),
         dict(PLAIN, low_mult=0.98, high_mult=1.02, ema_beta=0.5),  # a tiny window
     ],
 )
 def test_multi_step_trajectory_matches_the_float64_model(hyper: dict) -> None:
     traj = _spike_trajectory()
     tx = aggc(**hyper)
-    full = dict(
-        ema_beta=0.95,
-        low_mult=0.95,
-        high_mult=0.6,
-        min_norm=0.01,
-        max_norm=1.0,
-        auto_bounds=True,
-        raise_small=False,
-        max_up_scale=1.1,
-        max_down_scale=0.9,
-    )
-    full.update(hyper)
-    model = SpecClipper(**full)
+    options = aggc_options(**hyper)
+    assert options.pop("ema_init") == "zero"  # the model starts at 0, as the reference
+    model = SpecClipper(**options)
     labels = {n: spec_label(n) for n in traj[0]}
     outs, _ = _run(tx, traj)
     branches = 0
@@ -244,7 +228,7 @@ def test_jit_and_no_jit_agree() -> None:
 def test_eps_edges_in_float64() -> None:
     with jax.enable_x64(True):
         # step 0 sets EMA = 0.1 * 10 = 1 (beta 0.9), so upper = high_mult * 1 = 1
-        hyper = dict(PLAIN, raise_small=False, high_mult=1.0)
+        hyper = dict(NO_RAISE, high_mult=1.0)
         g0 = {Q: jnp.array([10.0], jnp.float64)}
         for delta, clipped in ((5e-13, False), (2e-12, True)):
             g1 = {Q: jnp.array([1.0 + delta], jnp.float64)}
@@ -363,7 +347,7 @@ def test_nothing_labelled_is_an_error_for_aggc() -> None:
 def test_updates_with_a_different_structure_are_rejected() -> None:
     tx = aggc()
     state = tx.init({Q: jnp.ones(2)})
-    with pytest.raises(ValueError, match=r"leaf 0 is 'model\.x' in the updates"):
+    with pytest.raises(ValueError, match=r"\['model'\] in the updates, \['q_proj'\] at init"):
         tx.update({"model.x": jnp.ones(2)}, state)
 
 
@@ -378,7 +362,8 @@ def test_reported_state_dtypes_and_shapes() -> None:
     chex.assert_shape([state.ema, state.norm, state.lower, state.upper, state.scale], (4,))
     chex.assert_type([state.ema, state.scale], jnp.float32)
     chex.assert_type([state.count, state.clip_down_count, state.raise_count], jnp.int32)
-    assert aggc_optax.AGGCState._fields[-1] == "layout"
+    assert aggc_optax.AGGCState._fields[-1] == "labels"
+    assert state.labels == ("up_proj", "k_proj", "q_proj", "norm")  # sorted dict keys
 
 
 def test_ema_uses_one_minus_beta_computed_before_rounding() -> None:

@@ -58,14 +58,14 @@ def _tree_and_groups(rng):
     return tree, {"up_proj": [up], "q_proj": [q0, q1]}
 
 
-def _run(steps=4, **aggc_kwargs):
+def _run(steps=4):
     rng = np.random.default_rng(0)
     trees, groups = [], []
     for _ in range(steps):
         t, g = _tree_and_groups(rng)
         trees.append(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t))
         groups.append(g)
-    tx = optax.chain(aggc_optax.aggc(**aggc_kwargs), optax.sgd(0.1))
+    tx = optax.chain(aggc_optax.presets.lora_sft(None), optax.sgd(0.1))  # no ramp
     state = tx.init(trees[0])
     states = []
     for t in trees:
@@ -161,7 +161,7 @@ def test_reference_written_file_is_readable(tmp_path):
 
 def test_nan_statistics_are_written_as_nan(tmp_path):
     params = {"model": {"q_proj": {"weight": jnp.ones(2)}}}
-    tx = aggc_optax.aggc(nonfinite="reference")
+    tx = aggc_optax.presets.lora_sft(None, nonfinite="reference")
     state = tx.init(params)
     _, state = tx.update({"model": {"q_proj": {"weight": jnp.array([1.0, jnp.nan])}}}, state)
     with aggc_optax.CSVLogger(tmp_path / "x.csv") as logger:

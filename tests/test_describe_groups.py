@@ -132,7 +132,7 @@ def test_custom_labels_callable_rules_and_tree():
     assert info["groups"]["rank2"]["num_params"] == 4 * 4 + 6
 
     rules = [(r"\.w(q|k)$", r"attn_\1"), (r"^head$", None)]
-    info = aggc_optax.describe_groups(params, rules)
+    info = aggc_optax.describe_groups(params, aggc_optax.regex_labeler(rules))
     assert list(info["groups"]) == ["attn_k", "attn_q"]
     assert info["unlabelled"] == ["head"]
 
@@ -155,7 +155,7 @@ def test_label_tree_that_does_not_match_names_the_leaf():
         aggc_optax.describe_groups(params, {"a": {"w": "x"}, "c": {"w": "y"}})
     with pytest.raises(ValueError, match="2 parameter leaves but 1 labels"):
         aggc_optax.describe_groups(params, {"a": {"w": "x"}})
-    with pytest.raises(TypeError, match="must be a str or None"):
+    with pytest.raises(TypeError, match="must be a str, a ScaleOnly or None"):
         aggc_optax.describe_groups(params, lambda name: 3)
 
 
@@ -232,9 +232,9 @@ def test_group_order_matches_the_transformation_state():
         "lm_head": {"weight": jnp.ones((2, 3))},
     }
     state = aggc_optax.aggc().init(params)
-    assert tuple(aggc_optax.describe_groups(params)["groups"]) == state.layout.labels
-    rules = [(r"proj", "proj"), (r".*", "rest")]
+    assert tuple(aggc_optax.describe_groups(params)["groups"]) == state.labels
+    rules = aggc_optax.regex_labeler([(r"proj", "proj"), (r".*", "rest")])
     state = optax.chain(aggc_optax.aggc(param_labels=rules)).init(params)
     assert tuple(aggc_optax.describe_groups(params, rules)["groups"]) == (
-        aggc_optax.find_aggc_states(state)[0].layout.labels
+        aggc_optax.find_aggc_states(state)[0].labels
     )

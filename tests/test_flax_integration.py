@@ -36,13 +36,11 @@ def _expected_layout(names: list[str]) -> dict[str, list[str]]:
     return {label: sorted(leaves) for label, leaves in groups.items()}
 
 
-def _layout_groups(state: Any) -> dict[str, list[str]]:
-    layout = aggc_optax.find_aggc_states(state)[0].layout
-    groups: dict[str, list[str]] = {}
-    for name, g in zip(layout.leaf_names, layout.leaf_groups):
-        if g >= 0:
-            groups.setdefault(layout.labels[g], []).append(name)
-    return {label: sorted(leaves) for label, leaves in groups.items()}
+def _layout_groups(state: Any, params: Any) -> dict[str, list[str]]:
+    """label -> sorted leaf names as AGGC groups ``params`` (its state holds the labels)."""
+    groups = aggc_optax.describe_groups(params)["groups"]
+    assert tuple(groups) == aggc_optax.find_aggc_states(state)[0].labels
+    return {label: sorted(entry["leaves"]) for label, entry in groups.items()}
 
 
 def _check_stats(state: Any, expected: dict[str, dict[str, float]], where: str) -> None:
@@ -134,7 +132,7 @@ def test_nnx_state_paths_give_the_expected_groups(wrt: str) -> None:
     optimizer = nnx.Optimizer(model, aggc_optax.aggc(), wrt=filt)
     names = list(_nnx_names(nnx.state(model, filt)))
     want = _expected_layout(names)
-    assert _layout_groups(optimizer.opt_state) == want
+    assert _layout_groups(optimizer.opt_state, nnx.state(model, filt)) == want
     if wrt == "LoRAParam":
         assert sorted(want) == ["q_proj", "v_proj"]
         assert all(".lora." in n for leaves in want.values() for n in leaves)
@@ -246,7 +244,7 @@ def test_linen_train_state_matches_spec(partitioned: bool) -> None:
     assert "layers_1.q_proj.kernel" in names
     tx = optax.chain(aggc_optax.aggc(**CONFIGS["raise"]), optax.sgd(LR))
     state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-    assert _layout_groups(state.opt_state) == _expected_layout(names)
+    assert _layout_groups(state.opt_state, params) == _expected_layout(names)
 
     def loss(p: Any, x: jax.Array, y: jax.Array) -> jax.Array:
         logits = state.apply_fn({"params": p}, x)

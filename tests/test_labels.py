@@ -118,7 +118,7 @@ def test_callable_labelers_with_one_or_two_arguments() -> None:
 
 def test_regex_rules_first_match_wins_and_backrefs_expand() -> None:
     rules = [(r"\.(q|k)_proj\.", r"attn_\1"), (r"norm", None), (r"proj", "other")]
-    info = describe_groups(_tree(), rules)
+    info = describe_groups(_tree(), regex_labeler(rules))
     assert sorted(info["groups"]) == ["attn_k", "attn_q", "other"]
     assert info["unlabelled"] == ["model.norm.weight"]
     fallback = regex_labeler([(r"q_proj", "q")], default=reference_label)
@@ -143,7 +143,7 @@ def test_labeler_returning_a_non_string_is_a_type_error() -> None:
 
 def test_invalid_rules_fail_at_construction() -> None:
     with pytest.raises(ValueError, match="invalid pattern"):
-        aggc_optax.aggc(param_labels=[("(unclosed", "x")])
+        aggc_optax.aggc(param_labels=regex_labeler([("(unclosed", "x")]))
     with pytest.raises(TypeError, match="param_labels must be None"):
         aggc_optax.aggc(param_labels="q_proj")
 
@@ -157,7 +157,7 @@ def test_unlabelled_leaves_pass_through_bit_identical() -> None:
         "model.layers.0.residual_gate": jnp.asarray(rng.normal(size=(5,)) * 1e6, jnp.float32),
         "logit_scale": jnp.asarray(np.float32(np.nan)),
     }
-    tx = aggc_optax.aggc(ema_beta=0.5, low_mult=0.5, high_mult=0.5, max_down_scale=0.0)
+    tx = aggc_optax.aggc(ema_beta=0.5, low_mult=0.5, high_mult=0.5, ema_init="zero")
     state = tx.init(grads)
     for _ in range(3):
         out, state = jax.jit(tx.update)(grads, state)
@@ -173,5 +173,5 @@ def test_group_order_is_first_appearance_in_flattening_order() -> None:
     tx = aggc_optax.aggc()
     state = tx.init(tree)
     # jax flattens dicts in sorted key order: "a" before "b"
-    assert state.layout.labels == ("q_proj", "up_proj")
+    assert state.labels == ("q_proj", "up_proj")
     assert optax.tree.get(state, "ema").shape == (2,)

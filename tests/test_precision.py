@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from aggc_optax import aggc, linear_bounds_schedule
+from aggc_optax import aggc, linear_bounds_schedule, presets
 from tests.spec_model import SpecClipper, spec_label, spec_schedule, spec_trajectory, tensor_sq_sums
 
 HALF = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -33,7 +33,7 @@ def test_half_precision_keeps_its_dtype_and_gets_the_exact_norm(dtype_name: str)
     name = "model.layers.0.self_attn.q_proj.weight"
     # 100 entries of 64: the sum of squares, 409600, is far above float16's max (65504)
     big = np.full((10, 10), 64.0)
-    tx = aggc()  # the recipe: at step 1 the group is clipped by the 0.9 floor
+    tx = presets.lora_sft(None)  # the recipe: at step 1 the group is clipped by the 0.9 floor
     model = SpecClipper(
         ema_beta=0.95,
         low_mult=0.95,
@@ -82,7 +82,7 @@ def test_mixed_dtypes_in_one_group() -> None:
     }
     labels = dict.fromkeys(dtypes, "q_proj")
     model = SpecClipper(ema_beta=0.5, low_mult=0.5, high_mult=0.8, auto_bounds=True)
-    tx = aggc(ema_beta=0.5, low_mult=0.5, high_mult=0.8, max_up_scale=0.0, max_down_scale=0.0)
+    tx = aggc(ema_beta=0.5, high_mult=0.8, ema_init="zero")  # the model's, as raise_small=False
     state = tx.init({n: jnp.zeros(3, d) for n, d in dtypes.items()})
     update = jax.jit(tx.update)
     for t in range(4):
@@ -110,7 +110,7 @@ def test_float64_gradients_are_not_downcast() -> None:
         # detail at 1e-12 that float32 would lose
         g = np.array([1.0 + 1e-12, 2.0 - 3e-12, -2.0 + 7e-13])
         assert not np.array_equal(g.astype(np.float32).astype(np.float64), g)
-        tx = aggc(ema_beta=beta, low_mult=0.1, high_mult=high, max_up_scale=0.0, max_down_scale=0.0)
+        tx = aggc(ema_beta=beta, high_mult=high, ema_init="zero")
         state = tx.init({name: jnp.zeros(3, jnp.float64)})
         update = jax.jit(tx.update)
         # step 0: the EMA is 0, nothing is clipped: the gradients come back bit for bit
@@ -224,17 +224,18 @@ def test_100k_steps_under_scan_track_the_float64_model(
     c = LONG_CONFIGS[config]
     ramp = {"total_steps": LONG_STEPS, "switch_ratio": c["switch"]}
     ramp["transition_ratio"] = c["transition"]
+    raising = {"low_mult": linear_bounds_schedule(*c["low"], **ramp), "min_norm": c["min_norm"]}
+    raising["max_up_scale"] = c["max_up_scale"] or None  # 0 is "no cap"
     tx = aggc(
         ema_beta=c["ema_beta"],
-        low_mult=linear_bounds_schedule(*c["low"], **ramp),
         high_mult=linear_bounds_schedule(*c["high"], **ramp),
-        min_norm=c["min_norm"],
-        raise_small=c["raise_small"],
-        max_up_scale=c["max_up_scale"],
-        max_down_scale=c["max_down_scale"],
+        max_down_scale=c["max_down_scale"] or None,
+        ema_init="zero",
+        unlabelled="ignore",
+        **(raising if c["raise_small"] else {}),
     )
     state = tx.init({n: jnp.zeros(s, jnp.float32) for n, s in LONG_SHAPES.items()})
-    labels = state.layout.labels
+    labels = state.labels
 
     def body(s: Any, g: Any) -> tuple[Any, tuple[jax.Array, ...]]:
         _, s = tx.update(g, s)

@@ -23,7 +23,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
-from aggc_optax import aggc, linear_bounds_schedule, path_name
+from aggc_optax import from_reference_options, linear_bounds_schedule, path_name
 from tests.spec_model import SpecClipper, spec_label, spec_schedule
 
 # No shrinking: a failure is reported with the example as generated (shrinking
@@ -98,12 +98,11 @@ class Scenario:
         )
 
     def transformation(self, nonfinite: str = "skip") -> Any:
-        kwargs = {k: v for k, v in self.hyper.items() if k != "high_mult"}
-        return aggc(
-            high_mult=self.high_mult(),
-            param_labels=self.param_labels(),
-            nonfinite=nonfinite,
-            **kwargs,
+        # the drawn values are in the reference's form (raise_small, caps of 0 = off),
+        # which from_reference_options takes as they are; nonfinite="skip" is aggc()'s
+        options = {"enable": True, **self.hyper, "high_mult": self.high_mult()}
+        return from_reference_options(
+            options, param_labels=self.param_labels(), nonfinite=nonfinite
         )
 
     def model(self) -> SpecClipper:
@@ -236,8 +235,7 @@ def run(
         out, state = update(build({n: jnp.asarray(g) for n, g in step.items()}), state)
         arrays = {f: np.asarray(getattr(state, f)) for f in STAT_FIELDS}
         stats = {
-            label: {f: arrays[f][i] for f in STAT_FIELDS}
-            for i, label in enumerate(state.layout.labels)
+            label: {f: arrays[f][i] for f in STAT_FIELDS} for i, label in enumerate(state.labels)
         }
         history.append((leaves_by_name(out), stats, state))
     return history

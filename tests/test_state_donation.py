@@ -9,7 +9,7 @@ import aggc_optax
 
 def test_fields_do_not_alias_and_state_can_be_donated():
     params = {"model": {"q_proj": {"weight": jnp.ones((2, 2))}, "norm": {"weight": jnp.ones(2)}}}
-    tx = optax.chain(aggc_optax.aggc(), optax.adam(1e-3))
+    tx = optax.chain(aggc_optax.presets.lora_sft(None), optax.adam(1e-3))
     state = tx.init(params)
     arrays = [x for x in jax.tree_util.tree_leaves(aggc_optax.find_aggc_states(state))]
     pointers = [x.unsafe_buffer_pointer() for x in arrays]

@@ -22,8 +22,14 @@ import numpy as np
 import optax
 import pytest
 
-from aggc_optax import aggc, from_reference_options, linear_bounds_schedule
-from tests.spec_model import SpecClipper
+from aggc_optax import (
+    ScaleOnly,
+    aggc,
+    from_reference_options,
+    linear_bounds_schedule,
+    regex_labeler,
+)
+from tests.spec_model import SpecClipper, aggc_options
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 _ROW = re.compile(r"^\| `(?P<expr>[^`]+)` \| `(?P<exc>\w+)` \| `(?P<msg>[^`]+)` \|$")
@@ -56,6 +62,8 @@ def _namespace() -> dict[str, Any]:
         "aggc": aggc,
         "from_reference_options": from_reference_options,
         "linear_bounds_schedule": linear_bounds_schedule,
+        "regex_labeler": regex_labeler,
+        "ScaleOnly": ScaleOnly,
         "np": np,
         "jnp": jnp,
         "nan": math.nan,
@@ -128,7 +136,7 @@ def _compare_with_model(
         want, stats = model.step(grads, LABELS, t)
         for name in PARAMS:
             np.testing.assert_allclose(np.asarray(out[name]), want[name], rtol=2e-6)
-        for i, label in enumerate(state.layout.labels):
+        for i, label in enumerate(state.labels):
             np.testing.assert_allclose(float(state.scale[i]), stats[label]["scale"], rtol=2e-6)
             np.testing.assert_allclose(float(state.ema[i]), model.ema[label], rtol=2e-6)
             scales.add(stats[label]["scale"])
@@ -166,55 +174,34 @@ def test_reference_caps_that_invert_their_meaning_are_reproduced() -> None:
 def test_aggc_rejects_the_inverting_caps_that_from_reference_options_accepts() -> None:
     for kwargs in ({"max_down_scale": 1.5}, {"max_up_scale": 0.5}):
         with pytest.raises(ValueError, match="use from_reference_options"):
-            aggc(**kwargs)
+            aggc(low_mult=0.5, **kwargs)
         from_reference_options({"enable": True, **kwargs})
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"low_mult": 0.95, "high_mult": 0.6},  # the default: the LoRA recipe's interval
-        {"low_mult": 2.0, "high_mult": 0.5, "raise_small": True, "max_up_scale": 0.0},
-        {"auto_bounds": False, "min_norm": 2.0, "max_norm": 1.0, "raise_small": True},
+        {"low_mult": 0.95, "high_mult": 0.6},  # the LoRA recipe's interval, raising on
+        {"low_mult": 2.0, "high_mult": 0.5, "min_norm": 0.0},
+        {"auto_bounds": False, "min_norm": 2.0, "max_norm": 1.0},
     ],
 )
 def test_inverted_intervals_are_accepted_silently_and_follow_the_spec(
     kwargs: dict[str, Any],
 ) -> None:
-    full = {
-        "ema_beta": 0.8,
-        "min_norm": 0.0,
-        "max_up_scale": 0.0,
-        "max_down_scale": 0.0,
-        "raise_small": False,
-        **kwargs,
-    }
+    full = {"ema_beta": 0.8, "ema_init": "zero", **kwargs}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tx = aggc(**full)
-    model = SpecClipper(
-        ema_beta=full["ema_beta"],
-        low_mult=full.get("low_mult", 0.95),
-        high_mult=full.get("high_mult", 0.6),
-        min_norm=full["min_norm"],
-        max_norm=full.get("max_norm", 1.0),
-        auto_bounds=full.get("auto_bounds", True),
-        raise_small=full["raise_small"],
-    )
-    _compare_with_model(tx, model, 16)
+    options = aggc_options(**full)
+    del options["ema_init"]  # the model starts at 0, as asked
+    _compare_with_model(tx, SpecClipper(**options), 16)
 
 
 def test_fixed_inverted_interval_leaves_nothing_untouched() -> None:
-    # spec 4: with lower > upper and raise_small, a norm above upper is clipped
+    # docs/reference-behaviour.md §4: with lower > upper and raising, a norm above upper is clipped
     # down to upper and anything at or below it is raised to lower
-    tx = aggc(
-        auto_bounds=False,
-        min_norm=2.0,
-        max_norm=1.0,
-        raise_small=True,
-        max_up_scale=0.0,
-        max_down_scale=0.0,
-    )
+    tx = aggc(auto_bounds=False, min_norm=2.0, max_norm=1.0)
     params = {"model.norm.weight": jnp.zeros(2)}
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -233,7 +220,7 @@ def test_reference_options_other_odd_values() -> None:
         {**base, "low_mult_late": -1.0, "high_mult_late": 0.0}, total_steps=100
     )
     b = from_reference_options({"enable": True, "auto_bounds": True})
-    for norm_type in (1, 3.0, math.inf):  # no effect (spec 8.4), but accepted
+    for norm_type in (1, 3.0, math.inf):  # no effect (docs/reference-behaviour.md §8), but accepted
         from_reference_options({"enable": True, "norm_type": norm_type})
     params = {k: jnp.asarray(v) for k, v in PARAMS.items()}
     sa, sb = a.init(params), b.init(params)
@@ -255,7 +242,7 @@ def test_nothing_labelled_reference_warns_and_passes_through() -> None:
     tx = from_reference_options({"enable": True})
     with pytest.warns(UserWarning, match="no parameter got a group label"):
         state = tx.init(params)
-    assert state.layout.num_groups == 0
+    assert state.labels == ()
     grads = {
         "w": jnp.array([1e6, jnp.nan, 3.0]),
         "model": {"layers": {"0": {"gate": -jnp.ones(2)}}},
@@ -282,7 +269,7 @@ def test_unlabelled_integer_leaves_pass_through() -> None:
     out, state = jax.jit(tx.update)(grads, state)
     assert out["step"].dtype == jnp.int32 and int(out["step"]) == 7
     np.testing.assert_array_equal(out["mask"], grads["mask"])
-    assert state.layout.labels == ("norm",)
+    assert state.labels == ("norm",)
 
 
 def test_integer_gradient_for_a_labelled_leaf_fails_when_traced() -> None:
@@ -307,8 +294,8 @@ def test_concrete_array_hyperparameters_are_checked_like_numbers() -> None:
     aggc(ema_beta=jnp.asarray(0.9), low_mult=np.float32(0.5), max_down_scale=np.float64(0.9))
     with pytest.raises(ValueError, match=r"ema_beta must be in \[0.0, 1.0\), got 1.5"):
         aggc(ema_beta=jnp.asarray(1.5))
-    with pytest.raises(ValueError, match=r"max_up_scale must be 0 \(off\) or >= 1"):
-        aggc(max_up_scale=np.float32(0.5))
+    with pytest.raises(ValueError, match=r"max_up_scale must be >= 1"):
+        aggc(low_mult=0.5, max_up_scale=np.float32(0.5))
 
 
 def _q_params() -> dict[str, Any]:
@@ -340,8 +327,8 @@ def test_inject_hyperparams_under_jit_matches_plain_aggc() -> None:
         "max_up_scale": 1.1,
         "max_down_scale": 0.9,
     }
-    injected = optax.inject_hyperparams(aggc)(raise_small=True, **hyper)
-    plain = aggc(raise_small=True, **hyper)
+    injected = optax.inject_hyperparams(aggc)(**hyper)
+    plain = aggc(**hyper)
     si, sp = injected.init(_q_params()), plain.init(_q_params())
     ui, up = jax.jit(injected.update), jax.jit(plain.update)
     for g in _steps_of_grads(10):
@@ -365,7 +352,7 @@ def test_injected_schedule_is_evaluated_per_step() -> None:
 
 
 def test_out_of_domain_traced_hyperparameters_do_not_crash() -> None:
-    injected = optax.inject_hyperparams(aggc)(ema_beta=0.9)
+    injected = optax.inject_hyperparams(aggc)(ema_beta=0.9, max_down_scale=0.9, min_norm=0.1)
     state = injected.init(_q_params())
     for name, value in (("ema_beta", 1.5), ("max_down_scale", 3.0), ("min_norm", -1.0)):
         state.hyperparams[name] = jnp.asarray(value)
@@ -384,12 +371,12 @@ def test_aggc_built_inside_jit_from_traced_values() -> None:
 
     @jax.jit
     def step(beta: jax.Array, low: jax.Array, cap: jax.Array, g: Any, s: Any) -> Any:
-        tx = aggc(ema_beta=beta, low_mult=low, max_down_scale=cap, raise_small=True)
+        tx = aggc(ema_beta=beta, low_mult=low, max_down_scale=cap)
         return tx.update(g, s)
 
     grads = _steps_of_grads(3)
     s_traced, s_plain = state, state
-    plain = aggc(ema_beta=0.8, low_mult=0.7, max_down_scale=0.95, raise_small=True)
+    plain = aggc(ema_beta=0.8, low_mult=0.7, max_down_scale=0.95)
     plain_update = jax.jit(plain.update)
     for g in grads:
         o1, s_traced = step(jnp.asarray(0.8), jnp.asarray(0.7), jnp.asarray(0.95), g, s_traced)

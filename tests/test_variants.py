@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from aggc_optax import aggc, from_reference_options, group_stats
-from tests.spec_model import spec_label
+from tests.spec_model import aggc_options, spec_label
 from tests.variant_model import GroupModel
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -27,25 +27,19 @@ UP = "model.layers.0.mlp.up_proj.weight"
 DOWN = "model.layers.0.mlp.down_proj.weight"
 NORM = "model.norm.weight"
 
-# A plain interval, no caps: the clipping is easy to follow by hand.
-PLAIN = dict(
-    ema_beta=0.9,
-    low_mult=0.5,
-    high_mult=2.0,
-    min_norm=0.0,
-    max_up_scale=0.0,
-    max_down_scale=0.0,
-    raise_small=True,
-)
-MODEL_FIELDS = (
-    "ema_beta",
-    "low_mult",
-    "high_mult",
-    "min_norm",
-    "max_up_scale",
-    "max_down_scale",
-    "raise_small",
-)
+# A plain interval with raising, no caps, the reference's zero start: the clipping
+# is easy to follow by hand.
+PLAIN = dict(ema_beta=0.9, low_mult=0.5, high_mult=2.0, min_norm=0.0, ema_init="zero")
+
+
+def _aggc(**kw):
+    """aggc() with PLAIN, ``kw`` overriding it."""
+    return aggc(**{**PLAIN, **kw})
+
+
+def _model(**kw) -> GroupModel:
+    """The float64 model of ``_aggc(**kw)``, from aggc()'s documented arguments."""
+    return GroupModel(**aggc_options(**{**PLAIN, **kw}))
 
 
 def _vec(norm: float) -> dict[str, jax.Array]:
@@ -67,31 +61,31 @@ def _run_q(tx: optax.GradientTransformation, norms: list[float]):
 # Norms 10, 10, 50, 1 through a beta=0.9, [0.5, 2] x EMA interval, by hand:
 HAND = {
     # zero start: step 0 untouched (upper 0), then the bounds are 0.1x too small
-    ("reference", "zero", False): dict(scale=[1.0, 0.2, 0.044, 1.0], ema=1.189, down=2, up=0),
+    ("reference", "zero"): dict(scale=[1.0, 0.2, 0.044, 1.0], ema=1.189, down=2, up=0),
     # EMA starts at 10: [5, 20]; 50 -> 20/50; EMA 9 + 2 = 11; 1 < 5.5 -> x5.5
-    ("reference", "first", False): dict(scale=[1.0, 1.0, 0.4, 5.5], ema=10.45, down=1, up=1),
+    ("reference", "first"): dict(scale=[1.0, 1.0, 0.4, 5.5], ema=10.45, down=1, up=1),
     # EMA 1, 1.9, 3.71 over 1 - 0.9^n = 0.1, 0.19, 0.271 -> 10, 10, 13.690037
-    ("reference", "zero", True): dict(
+    ("reference", "bias_corrected"): dict(
         scale=[1.0, 1.0, 0.4, 0.5 * 3.71 / 0.271], ema=3.339 + 0.05 * 3.71 / 0.271, down=1, up=1
     ),
     # S_t = 0.9 S + 0.1 n (raw norms, this step included): 1, 1.9, 6.71, 6.139
-    ("paper", "zero", False): dict(scale=[0.2, 0.38, 13.42 / 50, 3.0695], ema=6.139, down=3, up=1),
+    ("paper", "zero"): dict(scale=[0.2, 0.38, 13.42 / 50, 3.0695], ema=6.139, down=3, up=1),
     # S_t: 10, 10, 14, 12.7
-    ("paper", "first", False): dict(scale=[1.0, 1.0, 0.56, 6.35], ema=12.7, down=1, up=1),
+    ("paper", "first"): dict(scale=[1.0, 1.0, 0.56, 6.35], ema=12.7, down=1, up=1),
     # S_t / (1 - 0.9^(t+1)): 10, 10, 6.71/0.271, 6.139/0.3439
-    ("paper", "zero", True): dict(
+    ("paper", "bias_corrected"): dict(
         scale=[1.0, 1.0, 2 * 6.71 / 0.271 / 50, 0.5 * 6.139 / 0.3439], ema=6.139, down=1, up=1
     ),
 }
 
 
-@pytest.mark.parametrize(("variant", "ema_init", "bias_correction"), list(HAND))
-def test_hand_computed_four_step_trajectories(variant, ema_init, bias_correction) -> None:
-    want = HAND[(variant, ema_init, bias_correction)]
-    tx = aggc(**PLAIN, variant=variant, ema_init=ema_init, bias_correction=bias_correction)
+@pytest.mark.parametrize(("variant", "ema_init"), list(HAND))
+def test_hand_computed_four_step_trajectories(variant, ema_init) -> None:
+    want = HAND[(variant, ema_init)]
+    tx = _aggc(variant=variant, ema_init=ema_init)
     norms = [10.0, 10.0, 50.0, 1.0]
     steps, state = _run_q(tx, norms)
-    model = GroupModel(variant=variant, ema_init=ema_init, bias_correction=bias_correction)
+    model = _model(variant=variant, ema_init=ema_init)
     for t, ((g, stats), n, scale) in enumerate(zip(steps, norms, want["scale"])):
         assert float(stats["scale"]) == pytest.approx(scale, rel=1e-5), t
         assert model.step(n, t)["scale"] == pytest.approx(scale, rel=1e-9), t  # model agrees
@@ -106,7 +100,7 @@ def test_hand_computed_four_step_trajectories(variant, ema_init, bias_correction
 def test_paper_variant_step_zero_clips_to_one_minus_beta_times_high() -> None:
     # spec 6 taken literally: S_0 = (1 - beta) n, so U_0 = (1 - beta) high n
     for beta in (0.9, 0.99):
-        (_, stats), *_ = _run_q(aggc(**dict(PLAIN, ema_beta=beta), variant="paper"), [7.0])[0]
+        (_, stats), *_ = _run_q(_aggc(ema_beta=beta, variant="paper"), [7.0])[0]
         assert float(stats["scale"]) == pytest.approx((1 - beta) * 2.0, rel=1e-5)
         # ...while the EMA is fed the raw norm, not the clipped one
         assert float(stats["ema"]) == pytest.approx((1 - beta) * 7.0, rel=1e-5)
@@ -121,10 +115,10 @@ def test_warm_start_and_bias_correction_remove_the_warmup_collapse() -> None:
     for name, kw in {
         "zero": {},
         "first": {"ema_init": "first"},
-        "bias": {"bias_correction": True},
+        "bias": {"ema_init": "bias_corrected"},
         "paper_first": {"variant": "paper", "ema_init": "first"},
     }.items():
-        steps, state = _run_q(aggc(**PLAIN, **kw), norms)
+        steps, state = _run_q(_aggc(**kw), norms)
         counts[name] = int(group_stats(state)["q_proj"]["clip_down_count"])
         if name == "zero":
             assert float(steps[1][1]["scale"]) == pytest.approx(0.2, rel=1e-5)
@@ -135,9 +129,7 @@ def test_warm_start_and_bias_correction_remove_the_warmup_collapse() -> None:
     assert counts["first"] == counts["bias"] == counts["paper_first"] == 0
 
 
-def test_bias_correction_needs_a_zero_start() -> None:
-    with pytest.raises(ValueError, match=r"bias_correction.*ema_init='first'"):
-        aggc(ema_init="first", bias_correction=True)
+def test_variant_and_ema_init_are_checked() -> None:
     with pytest.raises(ValueError, match="variant must be one of"):
         aggc(variant="Paper")
     with pytest.raises(ValueError, match="ema_init must be one of"):
@@ -148,7 +140,7 @@ def test_skipped_nonfinite_steps_do_not_count_as_ema_updates() -> None:
     # paper + bias correction, norms 10, NaN, 10, 50: the NaN step passes through,
     # keeps S = 1 and n = 1, so step 2 sees S = 1.9 over 1 - 0.9^2 (= 10, untouched)
     # and step 3 S = 6.71 over 1 - 0.9^3 (upper 49.52, 50 clipped by 0.99041)
-    tx = aggc(**PLAIN, variant="paper", bias_correction=True)
+    tx = _aggc(variant="paper", ema_init="bias_corrected")
     steps, state = _run_q(tx, [10.0, math.nan, 10.0, 50.0])
     assert [float(s["scale"]) for _, s in steps[:3]] == [1.0, 1.0, 1.0]
     assert float(steps[3][1]["scale"]) == pytest.approx(2 * 6.71 / 0.271 / 50, rel=1e-5)
@@ -160,7 +152,7 @@ def test_skipped_nonfinite_steps_do_not_count_as_ema_updates() -> None:
 
 def test_warm_start_waits_for_the_first_finite_norm() -> None:
     for variant in ("reference", "paper"):
-        steps, _ = _run_q(aggc(**PLAIN, ema_init="first", variant=variant), [math.inf, 10.0, 50.0])
+        steps, _ = _run_q(_aggc(ema_init="first", variant=variant), [math.inf, 10.0, 50.0])
         assert float(steps[0][1]["ema"]) == 0.0  # inf skipped: still no EMA
         assert float(steps[1][1]["scale"]) == 1.0  # EMA starts at 10: [5, 20]
         want = 0.4 if variant == "reference" else 28.0 / 50.0  # S = 9 + 5 = 14
@@ -171,13 +163,19 @@ def test_paper_variant_with_reference_nonfinite_matches_the_model() -> None:
     # nonfinite="reference" keeps the reference's NaN semantics in the paper variant
     # too: Python's max(0.0, nan) is 0.0, so the group is never clipped again
     norms = [10.0, 12.0, math.nan, 500.0, 0.01]
-    steps, _ = _run_q(aggc(**PLAIN, variant="paper", nonfinite="reference"), norms)
-    model = GroupModel(variant="paper", nonfinite="reference")
+    tx = from_reference_options(FAULT, variant="paper")
+    steps, _ = _run_q(tx, norms)
+    model = _model(variant="paper", nonfinite="reference")
     for t, ((_, stats), n) in enumerate(zip(steps, norms)):
         want = model.step(n, t)
         for f in ("lower", "upper", "scale"):
             np.testing.assert_allclose(float(stats[f]), want[f], rtol=1e-5, err_msg=f"{t} {f}")
     assert float(steps[3][1]["upper"]) == 0.0 and float(steps[3][1]["scale"]) == 1.0
+
+
+# The reference's options for PLAIN.
+FAULT = dict(enable=True, auto_bounds=True, ema_beta=0.9, low_mult=0.5, high_mult=2.0,
+             raise_small=True)  # fmt: skip
 
 
 # --- a multi-group trajectory against the model --------------------------------------
@@ -234,19 +232,17 @@ def _check_against_models(tx, models: dict[str, GroupModel], traj, rtol: float =
     "kw",
     [
         dict(ema_init="first"),
-        dict(bias_correction=True),
+        dict(ema_init="bias_corrected"),
         dict(variant="paper"),
         dict(variant="paper", ema_init="first", max_down_scale=0.5, max_up_scale=2.0),
+        dict(low_mult=None, min_norm=None, ema_init="first", max_down_scale=0.7),  # no raising
     ],
 )
 def test_multi_group_trajectory_matches_the_model(kw: dict) -> None:
-    hyper = {**PLAIN, **kw}
     traj = _trajectory(25)
-    model_kw = {k: v for k, v in hyper.items() if k in MODEL_FIELDS}
-    options = {k: v for k, v in kw.items() if k not in MODEL_FIELDS}
     labels = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "norm")
-    models = {label: GroupModel(**model_kw, **options) for label in labels}
-    _check_against_models(aggc(**hyper), models, traj)
+    models = {label: _model(**kw) for label in labels}
+    _check_against_models(_aggc(**kw), models, traj)
 
 
 # --- per-group hyperparameters ------------------------------------------------------
@@ -257,8 +253,8 @@ GROUP_HPARAMS = {
     "q_proj": {"high_mult": 1.5},
     # tighter bounds (and a faster EMA, a floor on down-scaling) for the rest of attention
     "[qkvo]_proj": {"high_mult": 1.2, "ema_beta": 0.5, "max_down_scale": 0.8},
-    # the MLP: looser below, no raising, a min_norm
-    "(up|down)_proj": {"low_mult": 0.8, "raise_small": False, "min_norm": 0.3},
+    # the MLP: no raising (no lower bound), a floor on down-scaling
+    "(up|down)_proj": {"low_mult": None, "min_norm": None, "max_down_scale": 0.7},
     # never reached by the MLP: the first matching pattern wins
     ".*_proj": {"ema_beta": 0.99},
     # catch-all, last: only "norm" gets here
@@ -270,7 +266,7 @@ def test_per_group_hyperparameters_by_hand() -> None:
     # two steps, q_proj and k_proj only: step 0 untouched (zero start), EMAs
     # 0.1 * 10 = 1 (q, beta 0.9) and 0.5 * 10 = 5 (k, beta 0.5); step 1 with norm
     # 50: q upper 1.5 * 1 -> scale 0.03; k upper 1.2 * 5 = 6 -> 0.12, floored to 0.8
-    tx = aggc(**PLAIN, group_hyperparams=GROUP_HPARAMS)
+    tx = _aggc(group_hyperparams=GROUP_HPARAMS)
     params = {Q: jnp.zeros(2), K: jnp.zeros(2)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the MLP and norm keys match no group here
@@ -291,33 +287,29 @@ def test_per_group_hyperparameters_by_hand() -> None:
 def test_per_group_hyperparameters_trajectory_matches_per_group_models() -> None:
     traj = _trajectory(20, seed=11)
 
-    def model(**overrides) -> GroupModel:
-        return GroupModel(**{**{k: PLAIN[k] for k in MODEL_FIELDS}, **overrides})
-
     def norm_low(t: int) -> float:
         return 0.5 if t < 4 else 1.0  # piecewise_constant_schedule(0.5, {4: 2.0})
 
     models = {
-        "q_proj": model(high_mult=1.5),
-        "k_proj": model(high_mult=1.2, ema_beta=0.5, max_down_scale=0.8),
-        "v_proj": model(high_mult=1.2, ema_beta=0.5, max_down_scale=0.8),
-        "up_proj": model(low_mult=0.8, raise_small=False, min_norm=0.3),
-        "down_proj": model(low_mult=0.8, raise_small=False, min_norm=0.3),
-        "norm": model(max_up_scale=3.0, low_mult=norm_low),
+        "q_proj": _model(high_mult=1.5),
+        "k_proj": _model(high_mult=1.2, ema_beta=0.5, max_down_scale=0.8),
+        "v_proj": _model(high_mult=1.2, ema_beta=0.5, max_down_scale=0.8),
+        "up_proj": _model(low_mult=None, min_norm=None, max_down_scale=0.7),
+        "down_proj": _model(low_mult=None, min_norm=None, max_down_scale=0.7),
+        "norm": _model(max_up_scale=3.0, low_mult=norm_low),
     }
-    _check_against_models(aggc(**PLAIN, group_hyperparams=GROUP_HPARAMS), models, traj)
+    _check_against_models(_aggc(group_hyperparams=GROUP_HPARAMS), models, traj)
 
 
 def test_group_hyperparams_combine_with_the_paper_variant_and_warm_start() -> None:
     traj = _trajectory(15, seed=5)
     gh = {"[qkv]_proj": {"high_mult": 1.1, "ema_beta": 0.7}}
-    base = {k: PLAIN[k] for k in MODEL_FIELDS}
     opts = dict(variant="paper", ema_init="first")
     models = {
-        label: GroupModel(**{**base, **(gh["[qkv]_proj"] if label[0] in "qkv" else {})}, **opts)
+        label: _model(**opts, **(gh["[qkv]_proj"] if label[0] in "qkv" else {}))
         for label in ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "norm")
     }
-    _check_against_models(aggc(**PLAIN, **opts, group_hyperparams=gh), models, traj)
+    _check_against_models(_aggc(**opts, group_hyperparams=gh), models, traj)
 
 
 def test_group_hyperparams_errors_name_the_entry() -> None:
@@ -327,6 +319,10 @@ def test_group_hyperparams_errors_name_the_entry() -> None:
         aggc(group_hyperparams={"q_proj": {"ema_beta": 1.0}})
     with pytest.raises(ValueError, match=r"group_hyperparams\['k'\]\['max_down_scale'\]"):
         aggc(group_hyperparams={"k": {"max_down_scale": 1.5}})
+    with pytest.raises(ValueError, match=r"group_hyperparams\['k'\]: max_up_scale caps"):
+        aggc(group_hyperparams={"k": {"max_up_scale": 1.5}})  # nothing raised in that group
+    with pytest.raises(ValueError, match=r"unknown hyperparameter 'raise_small'"):
+        aggc(group_hyperparams={"k": {"raise_small": True}})  # low_mult turns raising on
     with pytest.raises(ValueError, match=r"invalid pattern '\(q'"):
         aggc(group_hyperparams={"(q": {"ema_beta": 0.9}})
     with pytest.raises(TypeError, match="mapping"):
@@ -384,17 +380,17 @@ def test_optax_schedules_for_the_multipliers(name: str) -> None:
     low, high, low_hand, high_hand = SCHEDULES[name]
     traj = _trajectory(16, seed=2)
     models = {
-        label: GroupModel(**{**PLAIN, "low_mult": low_hand, "high_mult": high_hand})
+        label: _model(low_mult=low_hand, high_mult=high_hand)
         for label in ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "norm")
     }
-    _check_against_models(aggc(**{**PLAIN, "low_mult": low, "high_mult": high}), models, traj)
+    _check_against_models(_aggc(low_mult=low, high_mult=high), models, traj)
 
 
 def test_schedule_value_is_the_one_used_at_each_step() -> None:
     # constant norm 4, warm start, no clipping while 0.5 < 1 < high: each step's
     # upper is high(t) * 4 exactly, read back from the state
     sched = optax.cosine_decay_schedule(3.0, decay_steps=8, alpha=0.5)
-    steps, _ = _run_q(aggc(**dict(PLAIN, high_mult=sched), ema_init="first"), [4.0] * 10)
+    steps, _ = _run_q(_aggc(high_mult=sched, ema_init="first"), [4.0] * 10)
     for t, (_, s) in enumerate(steps):
         assert float(s["upper"]) == pytest.approx(4.0 * _cosine(t, 3.0, 8, 0.5), rel=1e-5)
 
@@ -408,7 +404,7 @@ def test_a_schedule_that_returns_a_vector_is_rejected() -> None:
 
 
 def test_counts_accumulate_from_the_start_and_survive_optax_wrappers() -> None:
-    tx = optax.chain(aggc(**PLAIN, ema_init="first"), optax.sgd(0.1))
+    tx = optax.chain(_aggc(ema_init="first"), optax.sgd(0.1))
     norms = [10.0, 50.0, 1.0, 50.0, 10.0, 1.0, 1.0]
     # EMA from 10: 50 down (EMA 11), 1 up (10.45), 50 down (11.495), 10 inside
     # [5.75, 22.99] (11.3455), then 1 up twice (lower 5.67, then 5.39)
@@ -428,19 +424,16 @@ def test_counts_accumulate_from_the_start_and_survive_optax_wrappers() -> None:
 
 # --- from_reference_options: the options exist there too, off by default ---------------
 
-FAULT = dict(enable=True, auto_bounds=True, ema_beta=0.9, low_mult=0.5, high_mult=2.0,
-             raise_small=True)  # fmt: skip
-
 
 def test_from_reference_options_defaults_are_the_reference() -> None:
     norms = [10.0, 10.0, 50.0, 1.0]
     ref, _ = _run_q(from_reference_options(FAULT), norms)
     assert [float(s["scale"]) for _, s in ref] == pytest.approx(
-        HAND[("reference", "zero", False)]["scale"], rel=1e-5
+        HAND[("reference", "zero")]["scale"], rel=1e-5
     )
     for key in HAND:
-        variant, ema_init, bias = key
-        tx = from_reference_options(FAULT, variant=variant, ema_init=ema_init, bias_correction=bias)
+        variant, ema_init = key
+        tx = from_reference_options(FAULT, variant=variant, ema_init=ema_init)
         steps, _ = _run_q(tx, norms)
         assert [float(s["scale"]) for _, s in steps] == pytest.approx(HAND[key]["scale"], rel=1e-5)
 
@@ -472,7 +465,7 @@ def test_from_reference_options_group_hyperparams_and_schedule_errors() -> None:
 def test_an_exact_label_wins_even_after_a_matching_pattern() -> None:
     # step 0 untouched (zero start), EMA 0.1 * 10 = 1; step 1 upper = high_mult * 1
     gh = {"[qk]_proj": {"high_mult": 1.2}, "q_proj": {"high_mult": 1.5}}
-    tx = aggc(**PLAIN, group_hyperparams=gh)
+    tx = _aggc(group_hyperparams=gh)
     params = {Q: jnp.zeros(2), K: jnp.zeros(2)}
     state, update = tx.init(params), jax.jit(tx.update)
     for n in (10.0, 50.0):

@@ -32,8 +32,7 @@ class GroupModel:
     max_up_scale: float = 0.0
     max_down_scale: float = 0.0
     variant: str = "reference"  # or "paper"
-    ema_init: str = "zero"  # or "first"
-    bias_correction: bool = False
+    ema_init: str = "zero"  # or "first" or "bias_corrected"
     nonfinite: str = "skip"  # or "reference"
     ema: float = 0.0
     updates: int = 0  # how many times the EMA was updated
@@ -55,7 +54,7 @@ class GroupModel:
             n = self.updates + (1 if taken else 0)
         else:
             stat, n = ema, self.updates
-        if self.bias_correction and n > 0:
+        if self.ema_init == "bias_corrected" and n > 0:
             stat = stat / (1 - beta**n)
         low, high = self._value(self.low_mult, t), self._value(self.high_mult, t)
         if self.auto_bounds:
