@@ -18,7 +18,7 @@ import numpy as np
 
 from aggc_optax._scale_only import ScaleOnly
 
-# Spec section 2, rule 1: ordered; the first token of this list that matches wins.
+# docs/reference-behaviour.md §2, rule 1: ordered; the first token of this list that matches wins.
 REFERENCE_TOKENS: tuple[str, ...] = (
     "q_proj",
     "k_proj",
@@ -91,7 +91,7 @@ def reference_label(name: str) -> str | None:
 
 
 def lora_label(name: str) -> str | None:
-    """The LoRA script's label rule (spec section 10).
+    """The LoRA script's label rule (docs/reference-behaviour.md §10).
 
     Only names containing ``lora_`` get a label: the dotted token just before
     ``lora_A`` or ``lora_B``, else the first known projection token found as in

@@ -2,7 +2,7 @@
 
 The authors' PyTorch clipper writes one row per group and optimizer step,
 ``step,module,norm,lower,upper,scale``, groups in group order, numbers as
-Python writes floats (spec section 7). :class:`CSVLogger` writes the same file
+Python writes floats (docs/reference-behaviour.md §7). :class:`CSVLogger` writes the same file
 from an optax state, so runs of this port can be compared with runs of the
 reference (and with its plotting scripts) line by line.
 """

@@ -59,7 +59,7 @@ import aggc_optax
 
 METHODS = ("adamw", "global", "global_fused", "aggc")
 
-# The authors' LoRA SFT recipe (spec section 9), in the reference's option names:
+# The authors' LoRA SFT recipe (docs/reference-behaviour.md §9), in the reference's option names:
 # the torch comparison runs the reference and aggc_optax with exactly these.
 REFERENCE_OPTIONS = {
     k: v for k, v in aggc_optax.presets.LORA_SFT_OPTIONS.items() if k != "sync_dist"

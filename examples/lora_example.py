@@ -10,7 +10,7 @@
 The optimizer is ``optax.partition``: the adapters get ``optax.chain(aggc,
 adamw)``, every other weight gets ``optax.set_to_zero()``, so the base model is
 left exactly as it was. AGGC labels come from ``aggc_optax.lora_label`` (the
-LoRA script's rule, spec section 10): the adapters of all layers are grouped by
+LoRA script's rule, docs/reference-behaviour.md §10): the adapters of all layers are grouped by
 the projection they adapt (every layer's ``q_proj`` adapter in group
 ``q_proj``), and nothing else is counted or clipped.
 

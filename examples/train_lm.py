@@ -216,7 +216,7 @@ RUNS = ("adamw", "global_clip", "aggc")
 def build_aggc(args: argparse.Namespace, total_steps: int) -> optax.GradientTransformation:
     """The AGGC transformation of the ``aggc`` run, from the parsed flags.
 
-    With no AGGC flag: the authors' LoRA SFT recipe (spec section 9) with its
+    With no AGGC flag: the authors' LoRA SFT recipe (docs/reference-behaviour.md §9) with its
     linear ramp of the multipliers (0.95 -> 0.98 and 0.6 -> 0.7, starting at
     40% of the run, over 30% of it), and ``aggc()``'s safe ``nonfinite="skip"``
     policy. The flags of :mod:`aggc_optax.cli` switch on every variant

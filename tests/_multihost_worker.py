@@ -7,8 +7,9 @@ CPU devices to a 4-device global mesh (gloo CPU collectives), and both run:
 1. the jitted AGGC update on gradients sharded FSDP x TP over the mesh that spans
    both processes (the group norms need cross-process sums, which XLA inserts);
 2. the same inside ``shard_map`` with ``axis_name`` (explicit ``psum`` across hosts);
-3. spec 8.7's two-rank experiment: one device per process, shards of norm 5 and 0,
-   ``axis_reduction="mean"`` (the reference's ``sync_dist``) and ``"sum"``.
+3. the two-rank experiment of docs/reference-behaviour.md §8: one device per process,
+   shards of norm 5 and 0, the reference's ``sync_dist`` mean (``from_reference_options``)
+   and ``aggc()``'s sum.
 
 Results are gathered to every process and written to ``OUT.npz``; the parent
 compares them with the single-process run and the float64 spec model.
@@ -94,7 +95,7 @@ def main(process_id: int, port: int, out_path: str) -> None:
             for field, value in fields.items():
                 out[f"shard_map/{t}/stat/{label}/{field}"] = np.asarray(value)
 
-    # 3. Spec 8.7 with two ranks: one device of each process.
+    # 3. docs/reference-behaviour.md §8 with two ranks: one device of each process.
     ranks = [
         min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id) for p in (0, 1)
     ]

@@ -2,7 +2,7 @@
 
 A small LLaMA-like gradient tree (flat dict of torch-style names, so labels follow spec
 section 2), a deterministic gradient trajectory whose per-group sizes jump around enough
-to take every branch of spec section 4, and helpers that run the float64 spec model
+to take every branch of docs/reference-behaviour.md §4, and helpers that run the float64 spec model
 (``tests/spec_model.py``) over it. Nothing here calls the code under test except
 :func:`make_aggc`, which only builds the transformation from a named configuration.
 

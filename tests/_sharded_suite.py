@@ -261,7 +261,8 @@ def _sync_norm(tx: optax.GradientTransformation, mesh: Mesh, local_grads: np.nda
 
 
 def test_axis_reduction_mean_is_the_references_sync_dist() -> None:
-    # Spec 8.7, measured with two ranks: shards of norm 5 and 0 give 3.5355 with
+    # docs/reference-behaviour.md §8, measured with two ranks: shards of norm 5 and 0 give 3.5355
+    # with
     # sync_dist (the root of the mean over ranks of the squared norms), 5 summed.
     mesh = _two_device_mesh()
     shards = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)  # rank 0: norm 5; rank 1: 0

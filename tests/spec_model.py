@@ -1,7 +1,7 @@
 """An independent float64 model of the reference clipper, written from the spec.
 
 Tests compare `aggc_optax` against this model, never against the code under
-test. It follows `shared/spec/reference-semantics.md` line by line, in plain
+test. It follows `docs/reference-behaviour.md` line by line, in plain
 Python floats (float64) and NumPy, with no JAX: per-tensor sums of squares in
 float32, accumulated across tensors as Python floats, Python's ``max``/``min``
 (so ``max(0.0, nan) == 0.0``), and the rescale done as ``grad * float32(scale)``.
@@ -18,7 +18,7 @@ import numpy as np
 
 EPS = 1e-12
 
-# Spec section 2's examples (name -> label), plus its list-order rule.
+# docs/reference-behaviour.md §2's examples (name -> label), plus its list-order rule.
 SPEC_LABEL_TABLE: list[tuple[str, str | None]] = [
     ("model.layers.3.self_attn.q_proj.weight", "q_proj"),
     ("model.layers.3.self_attn.q_proj.bias", "q_proj"),
@@ -41,7 +41,8 @@ SPEC_LABEL_TABLE: list[tuple[str, str | None]] = [
     ("model.layers.0.self_attn.q_proj.up_proj.weight", "q_proj"),
 ]
 
-# Spec section 9's recipes, copied from the spec's table (the reference's option names).
+# docs/reference-behaviour.md §9's recipes, copied from the spec's table (the reference's option
+# names).
 LORA = dict(
     enable=True, auto_bounds=True, ema_beta=0.95, low_mult=0.95, high_mult=0.6, min_norm=0.01,
     raise_small=False, bounds_schedule="linear", low_mult_late=0.98, high_mult_late=0.7,
@@ -65,7 +66,7 @@ def spec_schedule(
     transition: float = 0.2,
     schedule: str = "linear",
 ) -> float:
-    """Spec section 5, in float64."""
+    """docs/reference-behaviour.md §5, in float64."""
     if schedule != "linear" or not total_steps or total_steps <= 0:
         return base
     late = late if late > 0 else base
@@ -80,7 +81,7 @@ def spec_schedule(
 
 
 def spec_label(name: str) -> str | None:
-    """Spec section 2, written independently of aggc_optax._labels."""
+    """docs/reference-behaviour.md §2, written independently of aggc_optax._labels."""
     tokens = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj",
         "c_attn", "c_proj", "w1", "w2", "w3", "lm_head", "embed_tokens",
@@ -106,7 +107,7 @@ def tensor_sq_sum(g: np.ndarray) -> float:
 
 @dataclass
 class SpecClipper:
-    """Spec section 4 for every group, in Python floats."""
+    """docs/reference-behaviour.md §4 for every group, in Python floats."""
 
     ema_beta: float = 0.98
     low_mult: float | Callable[[int], float] = 1.0
@@ -200,7 +201,7 @@ def spec_trajectory(
     observed_scale: np.ndarray | None = None,
     tie_tol: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """Spec section 4 over a whole run, vectorised over groups, in float64.
+    """docs/reference-behaviour.md §4 over a whole run, vectorised over groups, in float64.
 
     The same math as :meth:`SpecClipper.group_step`, for long runs: ``sq_sums``
     is ``[T, G]`` (each group's sum of per-tensor float32 sums of squares at each

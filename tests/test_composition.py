@@ -105,7 +105,8 @@ def test_multisteps_clips_the_accumulated_gradient_once_per_real_step() -> None:
 
 
 def test_multisteps_sees_cancelling_micro_batches_unlike_the_reference_hooks() -> None:
-    # Spec 8.5: the reference's hooks sum squared norms over micro-batches, so g and -g
+    # docs/reference-behaviour.md §8: the reference's hooks sum squared norms over micro-batches, so
+    # g and -g
     # give sqrt(2)|g| although the accumulated gradient is 0. MultiSteps hands AGGC the
     # accumulated gradient, whose norm is 0: the group gets the 1e-8 floor.
     name = "model.layers.0.self_attn.q_proj.weight"

@@ -1,7 +1,7 @@
 """CSVLogger, stats_rows and read_clip_csv against the reference's per_module_clip.csv format.
 
 Expected statistics come from an independent float64 NumPy model of spec
-sections 3-4 written here; the format from spec section 7 and the reference's
+sections 3-4 written here; the format from docs/reference-behaviour.md §7 and the reference's
 writer (``f"{step},{module},{norm},{lower},{upper},{scale}"``, header
 ``step,module,norm,lower,upper,scale``).
 """
@@ -22,7 +22,8 @@ HEADER = "step,module,norm,lower,upper,scale"
 
 
 def _spec_model(grads_per_step, *, beta, low, high, min_norm, up_cap, down_cap):
-    """Spec 3-4 in float64: per step, per group (norm, lower, upper, scale)."""
+    """docs/reference-behaviour.md §3-4 in float64: per step, per group (norm, lower, upper,
+    scale)."""
     ema = {}
     out = []
     for groups in grads_per_step:

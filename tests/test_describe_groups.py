@@ -1,6 +1,6 @@
 """describe_groups: which leaves form which group, their sizes, and what is left out.
 
-Expected groups are written out by hand from spec section 2 (and section 10 for
+Expected groups are written out by hand from docs/reference-behaviour.md §2 (and section 10 for
 LoRA); group order is the order of first appearance in jax's flattening order
 (dict keys sorted), which the expectations spell out.
 """

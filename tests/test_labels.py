@@ -1,4 +1,4 @@
-"""Group labels: spec section 2 and the ways users give labels."""
+"""Group labels: docs/reference-behaviour.md §2 and the ways users give labels."""
 
 from __future__ import annotations
 

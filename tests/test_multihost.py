@@ -4,8 +4,8 @@
 devices each, one coordinator port); both write what they gathered to ``.npz``.
 This module checks that both processes agree, that the result equals the
 single-process run (computed here, on one device) and the float64 spec model, and
-spec 8.7's two-rank ``sync_dist`` numbers. Every wait has a deadline; on any failure
-or timeout both children are killed.
+the two-rank ``sync_dist`` numbers of docs/reference-behaviour.md §8. Every wait has a
+deadline; on any failure or timeout both children are killed.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def test_multihost_equals_single_process_and_spec(worker_results: Any, mode: str
 
 
 def test_two_rank_sync_dist_numbers(worker_results: Any) -> None:
-    # Spec 8.7: two ranks, shards of norm 5 and 0 -> 3.5355 with the reference's
+    # docs/reference-behaviour.md §8: two ranks, shards of norm 5 and 0 -> 3.5355 with the
+    # reference's
     # sync_dist ("mean"), 5 (the true norm) with "sum".
     result = worker_results[0]
     np.testing.assert_allclose(result["sync/mean"], [np.sqrt(12.5)], rtol=1e-6)

@@ -246,7 +246,8 @@ def test_100k_steps_under_scan_track_the_float64_model(
     ema, norm, lower, upper, scale = (np.asarray(h) for h in history)
     assert int(final.count) == LONG_STEPS and ema.dtype == np.float32
 
-    # the model: float32 per-tensor sums (spec 3), everything else in float64
+    # the model: float32 per-tensor sums (docs/reference-behaviour.md §3), everything else in
+    # float64
     sq = np.zeros((LONG_STEPS, len(labels)))
     for name in LONG_SHAPES:
         sq[:, labels.index(spec_label(name))] += tensor_sq_sums(long_gradients[name])

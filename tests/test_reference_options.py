@@ -18,7 +18,8 @@ Q = "model.layers.0.self_attn.q_proj.weight"
 UP = "model.layers.0.mlp.up_proj.weight"
 V = "model.layers.0.self_attn.v_proj.weight"
 
-# spec 8.3's observed setting: beta 0.9, interval [0.5, 2.0] x EMA, raise_small
+# docs/reference-behaviour.md §8's observed setting: beta 0.9, interval [0.5, 2.0] x EMA,
+# raise_small
 FAULT = dict(enable=True, auto_bounds=True, ema_beta=0.9, low_mult=0.5, high_mult=2.0,
              raise_small=True)  # fmt: skip
 
@@ -130,7 +131,7 @@ def test_norm_type_has_no_effect(norm_type: float) -> None:
 
 
 def test_out_of_range_caps_invert_as_in_the_reference() -> None:
-    # spec 4: max_down_scale = 1.5 makes every "clip down" multiply by 1.5
+    # docs/reference-behaviour.md §4: max_down_scale = 1.5 makes every "clip down" multiply by 1.5
     g0, g1 = {Q: jnp.array([3.0, 4.0])}, {Q: jnp.array([30.0, 40.0])}
     tx = from_reference_options(dict(FAULT, max_down_scale=1.5))
     state = tx.init(g0)
@@ -154,7 +155,8 @@ def test_nothing_labelled_disables_like_the_reference() -> None:
 
 
 def _fault_run(options: dict, bad: float, steps: int = 7) -> list[tuple[dict, dict]]:
-    """Spec 8.3's run: clean steps, one bad entry in q_proj at step 3, clean again."""
+    """The run of docs/reference-behaviour.md §8: clean steps, one bad entry in q_proj at
+    step 3, clean again."""
     rng = np.random.default_rng(11)
     tx = from_reference_options(options)
     gs = []

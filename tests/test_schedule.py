@@ -1,4 +1,4 @@
-"""linear_bounds_schedule against spec section 5 (and its float64 model)."""
+"""linear_bounds_schedule against docs/reference-behaviour.md §5 (and its float64 model)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Expectations come from the spec (docs: reference semantics), from hand
 computation, or from ``_model_run`` below: an independent float64 NumPy model of
-spec sections 3 to 5, fed gradients whose float32 sums of squares are exact
+docs/reference-behaviour.md §3 to 5, fed gradients whose float32 sums of squares are exact
 (small integers times powers of two), so that reference and model must agree to
 the last bits.
 """
@@ -88,7 +88,7 @@ def by_module(report):
     return {r["module"]: r for r in report}
 
 
-# -- an independent float64 model of spec sections 3-5 ----------------------------------------
+# -- an independent float64 model of docs/reference-behaviour.md §3-5 ------------------------------
 
 
 def _py_max(a, b):  # Python's max(a, b): a unless b > a (so max(0.0, nan) == 0.0)
@@ -156,7 +156,7 @@ def _model_run(opts: dict, sums: np.ndarray, total_steps: int = 0) -> dict[str, 
     return out
 
 
-# -- spec 1: options --------------------------------------------------------------------------
+# -- docs/reference-behaviour.md §1: options -------------------------------------------------------
 
 SPEC_OPTIONS = [
     ("enable", False),
@@ -225,7 +225,7 @@ def test_clipper_rejects_bad_arguments():
         clipper.on_train_begin(10.0)
 
 
-# -- spec 2: groups ---------------------------------------------------------------------------
+# -- docs/reference-behaviour.md §2: groups --------------------------------------------------------
 
 
 @pytest.mark.parametrize(("name", "label"), SPEC_LABEL_TABLE)
@@ -301,7 +301,7 @@ def test_a_layer_parameter_without_label_keeps_the_clipper_on_and_is_never_clipp
     assert rows == [["step", "layer", "norm"], ["0", "0", "5.0"]]
 
 
-# -- spec 3: the group norm -------------------------------------------------------------------
+# -- docs/reference-behaviour.md §3: the group norm ------------------------------------------------
 
 
 def test_per_tensor_sums_are_float32_and_are_added_in_float64():
@@ -340,7 +340,7 @@ def test_all_zero_group_and_group_without_gradient_have_norm_1e_8():
     assert "model.v_proj.weight" not in clipped  # .grad stays None
 
 
-# -- spec 4: one step -------------------------------------------------------------------------
+# -- docs/reference-behaviour.md §4: one step ------------------------------------------------------
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -490,7 +490,7 @@ def test_fixed_bounds_still_update_the_ema():
     assert out[2][3] > out[0][3]
 
 
-# -- spec 5: the schedule ---------------------------------------------------------------------
+# -- docs/reference-behaviour.md §5: the schedule --------------------------------------------------
 
 
 def test_linear_schedule_breakpoints_through_the_reported_bounds():
@@ -679,7 +679,7 @@ def test_reference_matches_float64_model_on_random_trajectories(name):
     assert np.any(scales < 1) and (np.any(scales > 1) or not opts.get("raise_small"))
 
 
-# -- spec 8: edge cases -----------------------------------------------------------------------
+# -- docs/reference-behaviour.md §8: edge cases ----------------------------------------------------
 
 NAN_OPTIONS = dict(auto_bounds=True, ema_beta=0.9, low_mult=0.5, high_mult=2.0, raise_small=True)
 
@@ -835,7 +835,7 @@ def test_spec_8_7_sync_dist_averages_squared_norms_over_ranks(tmp_path):
     assert (r0["False"], r1["False"]) == (5.0, 1e-8)
 
 
-# -- spec 7: logs, and close() ----------------------------------------------------------------
+# -- docs/reference-behaviour.md §7: logs, and close() ---------------------------------------------
 
 
 def test_csv_logs(tmp_path):

@@ -98,7 +98,7 @@ def test_hand_computed_four_step_trajectories(variant, ema_init) -> None:
 
 
 def test_paper_variant_step_zero_clips_to_one_minus_beta_times_high() -> None:
-    # spec 6 taken literally: S_0 = (1 - beta) n, so U_0 = (1 - beta) high n
+    # docs/reference-behaviour.md §6 taken literally: S_0 = (1 - beta) n, so U_0 = (1 - beta) high n
     for beta in (0.9, 0.99):
         (_, stats), *_ = _run_q(_aggc(ema_beta=beta, variant="paper"), [7.0])[0]
         assert float(stats["scale"]) == pytest.approx((1 - beta) * 2.0, rel=1e-5)
@@ -442,7 +442,9 @@ def test_from_reference_options_nonfinite_skip_keeps_the_group_alive() -> None:
     norms = [10.0, 10.0, math.nan, 50.0]
     ref, _ = _run_q(from_reference_options(FAULT), norms)
     skip, _ = _run_q(from_reference_options(FAULT, nonfinite="skip"), norms)
-    assert float(ref[3][1]["upper"]) == 0.0 and float(ref[3][1]["scale"]) == 1.0  # spec 8.3
+    assert (
+        float(ref[3][1]["upper"]) == 0.0 and float(ref[3][1]["scale"]) == 1.0
+    )  # docs/reference-behaviour.md §8
     # skip, by hand: EMA 1, then 0.9 + 0.1 * 2 = 1.1, kept through the NaN: upper 2.2
     assert float(skip[3][1]["upper"]) == pytest.approx(2.2, rel=1e-6)
     assert float(skip[3][1]["scale"]) == pytest.approx(2.2 / 50, rel=1e-5)
