@@ -16,7 +16,7 @@ from aggc_optax._labels import (
 )
 from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
 from aggc_optax._scale_only import ScaleOnly
-from aggc_optax._schedule import linear_bounds_schedule
+from aggc_optax._schedule import cosine_ramp, linear_bounds_schedule
 from aggc_optax._stats import find_aggc_states, group_stats
 from aggc_optax.csv_log import CSVLogger, read_clip_csv, stats_rows
 
@@ -30,6 +30,7 @@ __all__ = [
     "GroupLabels",
     "ScaleOnly",
     "aggc",
+    "cosine_ramp",
     "describe_groups",
     "find_aggc_states",
     "from_reference_options",
