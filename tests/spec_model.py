@@ -145,13 +145,23 @@ class SpecClipper:
         return {"norm": norm, "lower": lower, "upper": upper, "scale": scale}
 
     def step(
-        self, grads: Mapping[str, np.ndarray], labels: Mapping[str, str | None], t: int
+        self,
+        grads: Mapping[str, np.ndarray],
+        labels: Mapping[str, str | None],
+        t: int,
+        scale_only: Mapping[str, str] | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
-        """One optimizer step on a flat ``{name: grad}`` dict; returns clipped grads and stats."""
+        """One optimizer step on a flat ``{name: grad}`` dict; returns clipped grads and stats.
+
+        ``scale_only`` maps names to the group they are scaled with without being
+        counted in its norm (DoRA's magnitude vectors, docs/reference-behaviour.md §10);
+        those names are not in ``labels``' groups.
+        """
+        scale_only = scale_only or {}
         sums: dict[str, float] = {}
         for name, g in grads.items():
             label = labels[name]
-            if label is None:
+            if label is None or name in scale_only:
                 continue
             sums[label] = sums.get(label, 0.0) + tensor_sq_sum(g)
         stats = {
@@ -159,7 +169,7 @@ class SpecClipper:
         }
         out = {}
         for name, g in grads.items():
-            label = labels[name]
+            label = scale_only.get(name, labels[name])
             if label is None:
                 out[name] = np.array(g)
             else:
