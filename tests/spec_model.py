@@ -105,6 +105,76 @@ def tensor_sq_sum(g: np.ndarray) -> float:
     return float(np.sum(g32 * g32, dtype=np.float32))
 
 
+Mult = float | Callable[[int], float]
+
+
+@dataclass
+class GroupModel:
+    """One group's clipper state and step, in Python floats: §4, and the options beyond it.
+
+    The reference is ``variant="reference", ema_init="zero",
+    nonfinite="reference"``; the paper's variant (§6), the other EMA starts and the
+    skipping of non-finite norms are written from their documentation. Per-group
+    settings are modelled by building the groups with different arguments.
+    """
+
+    ema_beta: float = 0.9
+    low_mult: Mult = 0.5
+    high_mult: Mult = 2.0
+    min_norm: float = 0.0
+    max_norm: float = 1.0
+    auto_bounds: bool = True
+    raise_small: bool = True
+    max_up_scale: float = 0.0
+    max_down_scale: float = 0.0
+    variant: str = "reference"  # or "paper"
+    ema_init: str = "zero"  # or "first" or "bias_corrected"
+    nonfinite: str = "skip"  # or "reference"
+    ema: float = 0.0
+    updates: int = 0  # how many times the EMA was updated
+    clip_down_count: int = 0
+    raise_count: int = 0
+
+    @staticmethod
+    def _value(m: Mult, t: int) -> float:
+        return float(m(t)) if callable(m) else float(m)
+
+    def step(self, norm: float, t: int) -> dict[str, float]:
+        beta = self.ema_beta
+        taken = self.nonfinite == "reference" or math.isfinite(norm)
+        ema = self.ema
+        if self.ema_init == "first" and self.updates == 0 and taken:
+            ema = norm  # as if this norm had always been seen
+        if self.variant == "paper":
+            stat = beta * ema + (1 - beta) * norm if taken else ema
+            n = self.updates + (1 if taken else 0)
+        else:
+            stat, n = ema, self.updates
+        if self.ema_init == "bias_corrected" and n > 0:
+            stat = stat / (1 - beta**n)
+        low, high = self._value(self.low_mult, t), self._value(self.high_mult, t)
+        if self.auto_bounds:
+            lower, upper = max(self.min_norm, stat * low), max(0.0, stat * high)
+        else:
+            lower, upper = self.min_norm, self.max_norm
+        scale, kind = 1.0, None
+        if taken and upper > 0 and norm > upper + EPS:
+            scale, kind = upper / (norm + EPS), "down"
+            if self.max_down_scale > 0:
+                scale = max(scale, self.max_down_scale)
+        elif taken and self.raise_small and lower > 0 and norm < lower - EPS:
+            scale, kind = lower / (norm + EPS), "up"
+            if self.max_up_scale > 0:
+                scale = min(scale, self.max_up_scale)
+        if taken:
+            fed = norm if self.variant == "paper" else norm * scale
+            self.ema = beta * ema + (1 - beta) * fed
+            self.updates += 1
+        self.clip_down_count += kind == "down"
+        self.raise_count += kind == "up"
+        return {"norm": norm, "lower": lower, "upper": upper, "scale": scale, "ema": self.ema}
+
+
 @dataclass
 class SpecClipper:
     """docs/reference-behaviour.md §4 for every group, in Python floats."""
@@ -120,29 +190,24 @@ class SpecClipper:
     max_down_scale: float = 0.0
     ema: dict[str, float] = field(default_factory=dict)
 
-    def _mult(self, value: float | Callable[[int], float], t: int) -> float:
-        return float(value(t)) if callable(value) else float(value)
-
     def group_step(self, label: str, norm: float, t: int) -> dict[str, float]:
-        ema = self.ema.get(label, 0.0)
-        low, high = self._mult(self.low_mult, t), self._mult(self.high_mult, t)
-        if self.auto_bounds:
-            lower = max(self.min_norm, ema * low)
-            upper = max(0.0, ema * high)
-        else:
-            lower, upper = self.min_norm, self.max_norm
-        if upper > 0 and norm > upper + EPS:
-            scale = upper / (norm + EPS)
-            if self.max_down_scale > 0:
-                scale = max(scale, self.max_down_scale)
-        elif self.raise_small and lower > 0 and norm < lower - EPS:
-            scale = lower / (norm + EPS)
-            if self.max_up_scale > 0:
-                scale = min(scale, self.max_up_scale)
-        else:
-            scale = 1.0
-        self.ema[label] = self.ema_beta * ema + (1 - self.ema_beta) * norm * scale
-        return {"norm": norm, "lower": lower, "upper": upper, "scale": scale}
+        """§4 for one group: :class:`GroupModel` with the reference's settings."""
+        group = GroupModel(
+            ema_beta=self.ema_beta,
+            low_mult=self.low_mult,
+            high_mult=self.high_mult,
+            min_norm=self.min_norm,
+            max_norm=self.max_norm,
+            auto_bounds=self.auto_bounds,
+            raise_small=self.raise_small,
+            max_up_scale=self.max_up_scale,
+            max_down_scale=self.max_down_scale,
+            nonfinite="reference",
+            ema=self.ema.get(label, 0.0),
+        )
+        out = group.step(norm, t)
+        self.ema[label] = group.ema
+        return {k: out[k] for k in ("norm", "lower", "upper", "scale")}
 
     def step(
         self,
@@ -296,3 +361,40 @@ def aggc_options(**aggc_kwargs: Any) -> dict[str, Any]:
     options["auto_bounds"] = kw.pop("auto_bounds", True)
     options.update(kw)
     return options
+
+
+def spec_multipliers(options: Mapping[str, Any], t: int, total_steps: int) -> tuple[float, float]:
+    """``(low_t, high_t)`` of §5 for the reference's option dict (missing keys: §1 defaults)."""
+    schedule = options.get("bounds_schedule", "none")
+    args = (
+        total_steps,
+        options.get("bounds_switch_ratio", 0.5),
+        options.get("bounds_transition_ratio", 0.2),
+        schedule,
+    )
+    low = spec_schedule(t, options.get("low_mult", 1.0), options.get("low_mult_late", 0.0), *args)
+    high = spec_schedule(
+        t, options.get("high_mult", 1.0), options.get("high_mult_late", 0.0), *args
+    )
+    return low, high
+
+
+def reference_run(
+    options: Mapping[str, Any], sq_sums: np.ndarray, total_steps: int = 0
+) -> dict[str, np.ndarray]:
+    """§4 over a run for the reference's option dict: ``sq_sums[t, j]`` is group ``j``'s
+    sum of squares at step ``t``; returns :func:`spec_trajectory`'s ``[T, G]`` arrays."""
+    steps = np.asarray(sq_sums).shape[0]
+    lows, highs = zip(*(spec_multipliers(options, t, total_steps) for t in range(steps)))
+    return spec_trajectory(
+        sq_sums,
+        ema_beta=options.get("ema_beta", 0.98),
+        low_mult=np.asarray(lows),
+        high_mult=np.asarray(highs),
+        min_norm=options.get("min_norm", 0.0),
+        max_norm=options.get("max_norm", 1.0),
+        auto_bounds=options.get("auto_bounds", False),
+        raise_small=options.get("raise_small", False),
+        max_up_scale=options.get("max_up_scale", 0.0),
+        max_down_scale=options.get("max_down_scale", 0.0),
+    )

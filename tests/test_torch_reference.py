@@ -1,10 +1,10 @@
 """The PyTorch reference clipper against the spec's own numbers and a float64 NumPy model.
 
 Expectations come from the spec (docs: reference semantics), from hand
-computation, or from ``_model_run`` below: an independent float64 NumPy model of
-docs/reference-behaviour.md §3 to 5, fed gradients whose float32 sums of squares are exact
-(small integers times powers of two), so that reference and model must agree to
-the last bits.
+computation, or from ``tests.spec_model.reference_run``: the float64 NumPy model of
+docs/reference-behaviour.md §3 to 5 that every test uses, fed gradients whose
+float32 sums of squares are exact (small integers times powers of two), so that
+reference and model must agree to the last bits.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from aggc_optax.torch_reference import (
     layer_id,
     module_label,
 )
-from tests.spec_model import SPEC_LABEL_TABLE
+from tests.spec_model import SPEC_LABEL_TABLE, reference_run, spec_multipliers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,74 +86,6 @@ def one_step(clipper, model, grads, step):
 
 def by_module(report):
     return {r["module"]: r for r in report}
-
-
-# -- an independent float64 model of docs/reference-behaviour.md §3-5 ------------------------------
-
-
-def _py_max(a, b):  # Python's max(a, b): a unless b > a (so max(0.0, nan) == 0.0)
-    return np.where(b > a, b, a)
-
-
-def _py_min(a, b):
-    return np.where(b < a, b, a)
-
-
-def _model_multipliers(opts: dict, t: int, total_steps: int) -> tuple[float, float]:
-    low, high = opts.get("low_mult", 1.0), opts.get("high_mult", 1.0)
-    if opts.get("bounds_schedule", "none") != "linear" or total_steps <= 0:
-        return low, high
-    late_low = opts.get("low_mult_late", 0.0) or 0.0
-    late_high = opts.get("high_mult_late", 0.0) or 0.0
-    late_low = late_low if late_low > 0 else low
-    late_high = late_high if late_high > 0 else high
-    prog = np.clip(t / max(1, total_steps), 0.0, 1.0)
-    s = opts.get("bounds_switch_ratio", 0.5)
-    w = max(1e-6, opts.get("bounds_transition_ratio", 0.2))
-    if prog <= s:
-        return low, high
-    if prog >= s + w:
-        return late_low, late_high
-    a = (prog - s) / w
-    return low * (1 - a) + late_low * a, high * (1 - a) + late_high * a
-
-
-def _model_run(opts: dict, sums: np.ndarray, total_steps: int = 0) -> dict[str, np.ndarray]:
-    """sums[t, j]: group j's sum of squares at step t. Returns [steps, groups] arrays."""
-    steps, groups = sums.shape
-    beta = opts.get("ema_beta", 0.98)
-    min_norm, max_norm = opts.get("min_norm", 0.0), opts.get("max_norm", 1.0)
-    up_cap, down_cap = opts.get("max_up_scale", 0.0), opts.get("max_down_scale", 0.0)
-    ema = np.zeros(groups)
-    out = {k: np.zeros((steps, groups)) for k in ("norm", "lower", "upper", "scale", "ema")}
-    with np.errstate(all="ignore"):
-        for t in range(steps):
-            norm = np.sqrt(sums[t] + 1e-16)
-            low, high = _model_multipliers(opts, t, total_steps)
-            if opts.get("auto_bounds", False):
-                lower = _py_max(np.full(groups, min_norm), ema * low)
-                upper = _py_max(np.zeros(groups), ema * high)
-            else:
-                lower, upper = np.full(groups, min_norm), np.full(groups, max_norm)
-            down = (upper > 0) & (norm > upper + 1e-12)
-            raised = ~down & opts.get("raise_small", False) & (lower > 0) & (norm < lower - 1e-12)
-            s_down = upper / (norm + 1e-12)
-            if down_cap > 0:
-                s_down = _py_max(s_down, np.full(groups, down_cap))
-            s_up = lower / (norm + 1e-12)
-            if up_cap > 0:
-                s_up = _py_min(s_up, np.full(groups, up_cap))
-            scale = np.where(down, s_down, np.where(raised, s_up, 1.0))
-            ema = beta * ema + (1 - beta) * norm * scale
-            for k, v in (
-                ("norm", norm),
-                ("lower", lower),
-                ("upper", upper),
-                ("scale", scale),
-                ("ema", ema),
-            ):
-                out[k][t] = v
-    return out
 
 
 # -- docs/reference-behaviour.md §1: options -------------------------------------------------------
@@ -513,7 +445,7 @@ def test_linear_schedule_breakpoints_through_the_reported_bounds():
     assert lows[23] != lows[24]
     clipper = clipper_for(mirror({Q: (1,)}), total_steps=60, **opts)
     for t in range(70):
-        assert clipper.multipliers(t) == pytest.approx(_model_multipliers(opts, t, 60), rel=1e-15)
+        assert clipper.multipliers(t) == pytest.approx(spec_multipliers(opts, t, 60), rel=1e-15)
 
 
 def test_schedule_is_inert_without_total_steps_or_when_not_linear():
@@ -672,8 +604,8 @@ def test_reference_matches_float64_model_on_random_trajectories(name):
             before["model.layers.0.residual_gate"],
         )
         clipper.on_step_end(t)
-    expected = _model_run(opts, sums, total)
-    for k in expected:
+    expected = reference_run(opts, sums, total)
+    for k in ("norm", "lower", "upper", "scale", "ema"):
         np.testing.assert_allclose(got[k], expected[k], rtol=1e-13, atol=0, err_msg=k)
     scales = expected["scale"][1:]
     assert np.any(scales < 1) and (np.any(scales > 1) or not opts.get("raise_small"))
