@@ -195,7 +195,7 @@ def test_train_lm_switches_aggc_variants_from_the_command_line(tmp_path):
     proc = _run(
         "train_lm.py", *TRAIN_LM_TINY, "--out", str(out), "--quiet",
         "--aggc-preset", "default", "--ema-init", "first", "--variant", "paper",
-        "--low-mult", "0.5", "--high-mult", "2.0", "--max-down-scale", "0",
+        "--low-mult", "0.5", "--high-mult", "2.0",
     )  # fmt: skip
     assert "--variant paper" in proc.stdout and "--ema-init first" in proc.stdout
     rows = [r for r in _read_csv(out / "per_module_clip.csv") if r["step"] == "0"]
