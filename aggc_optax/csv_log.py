@@ -124,8 +124,11 @@ def stats_rows(state_or_stats: Any, step: int) -> list[dict[str, Any]]:
       >>> state = tx.init(params)
       >>> _, state = tx.update({"model": {"norm": {"weight": jnp.full(3, 2.0)}}}, state)
       >>> row = aggc_optax.stats_rows(state, step=0)[0]
-      >>> row["module"], round(row["norm"], 4), row["upper"], row["scale"]
-      ('norm', 3.4641, 0.0, 1.0)
+      >>> row["module"], round(row["norm"], 4), round(row["upper"], 4), row["scale"]
+      ('norm', 3.4641, 6.9282, 1.0)
+
+      The first step's EMA is its own norm (``ema_init="first"``), so the upper
+      bound is ``2 x 3.4641`` and nothing is clipped.
     """
     step = _check_step(step)
     return [
@@ -150,19 +153,23 @@ class CSVLogger:
       append: keep an existing file's rows and add to them (a resumed run).
 
     Example:
-      >>> import os, tempfile, jax.numpy as jnp, optax, aggc_optax
+      >>> import os, tempfile, jax, jax.numpy as jnp, optax, aggc_optax
       >>> params = {"model": {"layers": {"0": {"q_proj": {"weight": jnp.ones(4)}}}}}
       >>> tx = optax.chain(aggc_optax.aggc(), optax.sgd(0.1))
       >>> state = tx.init(params)
       >>> folder = tempfile.mkdtemp()
       >>> with aggc_optax.CSVLogger(folder) as logger:
-      ...     for step in range(2):
-      ...         _, state = tx.update(params, state)
+      ...     for step, size in enumerate([1.0, 5.0]):
+      ...         grads = jax.tree.map(lambda p: size * p, params)
+      ...         _, state = tx.update(grads, state)
       ...         logger.log(state, step)
       >>> print(open(os.path.join(folder, "per_module_clip.csv")).read().strip())
       step,module,norm,lower,upper,scale
-      0,q_proj,2.0,0.01,0.0,1.0
-      1,q_proj,2.0,0.095...,0.060...,0.9
+      0,q_proj,2.0,0.0,4.0,1.0
+      1,q_proj,10.0,0.0,4.0,0.4...
+
+      Step 1's norm 10 leaves the interval ``[0, 2 x EMA] = [0, 4]`` and is
+      scaled down to 4.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool = False):
