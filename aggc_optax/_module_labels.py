@@ -125,7 +125,9 @@ def module_labels(params: Any) -> Any:
     1. **A module** is the node directly above a leaf: its leaves form one group,
        so a bias goes with its kernel (``attn.query.kernel`` and
        ``attn.query.bias``: ``attn.query``). The leaf's own name is dropped.
-       A leaf directly at the root is a module of its own (``logit_scale``).
+       A leaf directly at the root is a module of its own (``logit_scale``);
+       arrays a block holds beside its submodules (a ``residual_gate``) form
+       the block's own group (``model.layers.*``).
     2. **Repeated blocks**: an integer path component above the module
        (``layers.0``, ``h.3``, ``layer.11``, ``experts.7``; an ``nnx.List`` or
        tuple index) becomes ``*``, so the same module of every block is one
@@ -157,9 +159,9 @@ def module_labels(params: Any) -> Any:
     ``MLP_1`` as output MLP, each containing submodules) are merged; name them
     (or give a label tree). A flat list of single layers (``layers.0``,
     ``layers.1``, each holding its arrays directly) gives one group per layer,
-    not one for all. Several arrays held directly by a container beside its
-    submodules (an NNX ``LoRALinear``'s kernel and bias beside its ``lora``
-    child, a block's ``residual_gate``) form the container's group. The
+    not one for all, and a list of layers that each have a submodule (NNX
+    ``LoRALinear``: kernel and bias beside its ``lora`` child) is read as
+    repeated blocks, so its kernels form one group. The
     labels are full paths (``model.layers.*.self_attn.q_proj``); for the
     reference's own token labels use :func:`~aggc_optax.reference_label`, for
     PEFT/NNX LoRA adapters :func:`~aggc_optax.lora_label`.
