@@ -8,12 +8,15 @@ from aggc_optax import presets
 from aggc_optax._aggc import AGGCState, GroupLabels, aggc
 from aggc_optax._labels import (
     REFERENCE_TOKENS,
+    TreeLabeler,
     describe_groups,
     lora_label,
     path_name,
     reference_label,
     regex_labeler,
+    tree_labeler,
 )
+from aggc_optax._module_labels import module_labels
 from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
 from aggc_optax._scale_only import ScaleOnly
 from aggc_optax._schedule import cosine_ramp, linear_bounds_schedule
@@ -29,6 +32,7 @@ __all__ = [
     "CSVLogger",
     "GroupLabels",
     "ScaleOnly",
+    "TreeLabeler",
     "aggc",
     "cosine_ramp",
     "describe_groups",
@@ -37,10 +41,12 @@ __all__ = [
     "group_stats",
     "linear_bounds_schedule",
     "lora_label",
+    "module_labels",
     "path_name",
     "presets",
     "read_clip_csv",
     "reference_label",
     "regex_labeler",
     "stats_rows",
+    "tree_labeler",
 ]

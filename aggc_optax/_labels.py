@@ -8,6 +8,7 @@ trees and Flax NNX states alike.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -37,9 +38,65 @@ REFERENCE_TOKENS: tuple[str, ...] = (
 )
 
 Labeler = Callable[..., "str | None"]
-# None, a labeler fn(name) / fn(name, leaf), or a pytree of labels matching the
-# parameters (see leaf_labels).
+# None, a labeler fn(name) / fn(name, leaf), a TreeLabeler, or a pytree of labels
+# matching the parameters (see leaf_labels).
 ParamLabels = Any
+
+
+class TreeLabeler:
+    """A labeler of the whole parameter tree: ``fn(params)`` returns a label tree.
+
+    A plain callable given as ``param_labels`` is called once per leaf with the
+    leaf's name; a rule that needs the tree's structure (which paths repeat,
+    which nodes hold arrays) cannot work that way. Wrap such a function with
+    :func:`tree_labeler` (or ``TreeLabeler(fn)``): ``param_labels`` then calls
+    it with the whole tree (the parameters at ``init``, the updates at each
+    ``update``) and reads its result as a label tree, checked against the tree
+    like any other. Calling the object calls ``fn``, so the label tree can be
+    inspected or edited. :func:`~aggc_optax.module_labels` is one.
+
+    ``fn`` must be a function of the tree's structure only (paths, shapes and
+    dtypes, never values): it runs under ``jax.jit`` on tracers.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> by_rank = TreeLabeler(lambda t: jax.tree.map(lambda x: f"rank{x.ndim}", t))
+      >>> describe_groups({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, by_rank)["groups"].keys()
+      dict_keys(['rank1', 'rank2'])
+    """
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        if not callable(fn):
+            raise TypeError(f"TreeLabeler: fn must be callable, got {fn!r}")
+        self._fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, params: Any) -> Any:
+        return self._fn(params)
+
+    def __repr__(self) -> str:
+        return f"TreeLabeler({getattr(self._fn, '__qualname__', self._fn)!r})"
+
+    # Two wrappers of one function are one labeler (optax.inject_hyperparams and
+    # jit caches compare static arguments).
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TreeLabeler) and other._fn is self._fn
+
+    def __hash__(self) -> int:
+        return hash(self._fn)
+
+
+def tree_labeler(fn: Callable[[Any], Any]) -> TreeLabeler:
+    """Marks ``fn(params) -> label tree`` as a labeler of the whole tree (see :class:`TreeLabeler`).
+
+    Example:
+      >>> @tree_labeler
+      ... def by_top_key(params):
+      ...     return {key: jax.tree.map(lambda _: key, sub) for key, sub in params.items()}
+      >>> describe_groups({"enc": [1.0, 2.0], "dec": [3.0]}, by_top_key)["groups"]["enc"]
+      {'leaves': ['enc.0', 'enc.1'], 'num_params': 2}
+    """
+    return TreeLabeler(fn)
 
 
 def _known_token(name: str) -> str | None:
@@ -90,17 +147,43 @@ def reference_label(name: str) -> str | None:
     return candidate
 
 
-def lora_label(name: str) -> str | None:
+# PEFT spells the adapter matrices lora_A / lora_B, Flax NNX's LoRA lora_a / lora_b.
+_LORA_MATRICES = ("lora_A", "lora_B", "lora_a", "lora_b")
+_DORA_MAGNITUDE = "lora_magnitude_vector"
+# PEFT's adapters of an nn.Embedding: the authors' callback hooks none of them.
+_EMBEDDING_ADAPTERS = ("lora_embedding_A", "lora_embedding_B")
+
+
+def lora_label(name: str) -> str | ScaleOnly | None:
     """The LoRA script's label rule (docs/reference-behaviour.md §10).
 
-    Only names containing ``lora_`` get a label: the dotted token just before
-    ``lora_A`` or ``lora_B``, else the first known projection token found as in
-    :func:`reference_label`'s rule 1. Everything else (base weights, norms,
-    embeddings) is left out of every group, so it is neither counted nor clipped.
+    Only adapter parameters get a label, the dotted token naming the module they
+    adapt:
+
+    * a LoRA matrix (PEFT's ``lora_A``/``lora_B``, Flax NNX's ``lora_a``/``lora_b``):
+      the token just before it, skipping an NNX ``LoRALinear``'s ``lora``
+      submodule (``q_proj.lora_A.default.weight`` and ``query.lora.lora_a``
+      give ``q_proj`` and ``query``);
+    * DoRA's ``lora_magnitude_vector``: ``ScaleOnly(token before it)``, scaled
+      with its projection's group but not counted in its norm, as the
+      authors' callback does;
+    * PEFT's embedding adapters (``lora_embedding_A``/``lora_embedding_B``): no
+      label, as the callback leaves them out;
+    * any other name containing ``lora_``: the first known projection token
+      found as in :func:`reference_label`'s rule 1, else no label.
+
+    Everything else (base weights, norms, embeddings) is left out of every
+    group, so it is neither counted nor clipped.
 
     Example:
       >>> lora_label("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
       'q_proj'
+      >>> lora_label("blocks.0.attn.query.lora.lora_b")
+      'query'
+      >>> lora_label("model.layers.0.self_attn.v_proj.lora_magnitude_vector.default.weight")
+      ScaleOnly(label='v_proj')
+      >>> lora_label("model.embed_tokens.lora_embedding_A.default") is None
+      True
       >>> lora_label("model.layers.0.self_attn.q_proj.weight") is None
       True
     """
@@ -109,9 +192,15 @@ def lora_label(name: str) -> str | None:
     if "lora_" not in name:
         return None
     parts = name.split(".")
+    if any(part in _EMBEDDING_ADAPTERS for part in parts):
+        return None
     for i, part in enumerate(parts):
-        if part in ("lora_A", "lora_B") and i > 0:
-            return parts[i - 1]
+        if part in _LORA_MATRICES:
+            # nnx.LoRALinear keeps its adapter in a submodule named `lora`
+            j = i - 2 if i >= 2 and parts[i - 1] == "lora" else i - 1
+            return parts[j] if j >= 0 else None
+        if part == _DORA_MAGNITUDE:
+            return ScaleOnly(parts[i - 1]) if i > 0 else None
     return _known_token(name)
 
 
@@ -202,6 +291,7 @@ def _labeler_arity(fn: Callable[..., Any]) -> int:
 
 _FORMS = (
     "param_labels must be None (the reference's rule), a callable fn(name) or fn(name, leaf), "
+    "a tree-level labeler (aggc_optax.module_labels, aggc_optax.tree_labeler(fn)), "
     "aggc_optax.regex_labeler(rules) for (regex, label) rules, or a pytree of labels (str, "
     "ScaleOnly or None) shaped like the parameters"
 )
@@ -253,7 +343,18 @@ def _mismatch(labels_tree: Any, detail: str) -> ValueError:
     )
 
 
-def _labels_from_tree(labels_tree: Any, names: list[str]) -> list[Any]:
+def _labels_from_tree(labels_tree: Any, names: list[str], params: Any) -> list[Any]:
+    # First, the label tree read with the parameters' own structure: an empty
+    # node of the parameters (eqx.filter's None for a non-array field) is then
+    # an empty node of the labels too, not a None label.
+    try:
+        matched = jax.tree_util.tree_structure(params).flatten_up_to(labels_tree)
+    except (TypeError, ValueError):
+        matched = None
+    if matched is not None and len(matched) == len(names) and all(map(_is_label, matched)):
+        return list(matched)
+    # Otherwise match by dotted name: a dict of labels for an NNX State, and the
+    # errors that name the first leaf that differs.
     flat = jax.tree_util.tree_flatten_with_path(labels_tree, is_leaf=_is_label)[0]
     label_names = [path_name(p) for p, _ in flat]
     for i, (a, b) in enumerate(zip(names, label_names)):
@@ -281,7 +382,9 @@ def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str
       params: a pytree of arrays (or of anything with a shape: only paths and,
         for a callable labeler, the leaves themselves are looked at).
       param_labels: ``None`` (:func:`reference_label` on each dotted name), a
-        callable ``fn(name)`` or ``fn(name, leaf)``, or a pytree of labels with
+        callable ``fn(name)`` or ``fn(name, leaf)``, a :class:`TreeLabeler`
+        (called with ``params``; its label tree is then read as below, e.g.
+        :func:`~aggc_optax.module_labels`), or a pytree of labels with
         the structure of ``params``. A label is a str, a
         :class:`~aggc_optax.ScaleOnly` or ``None``. (regex, label) rules go
         through :func:`regex_labeler`, which makes them a callable: a bare list
@@ -295,6 +398,8 @@ def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str
     names = [path_name(p) for p, _ in flat]
     if param_labels is None:
         return names, [reference_label(n) for n in names]
+    if isinstance(param_labels, TreeLabeler):
+        return names, _labels_from_tree(param_labels(params), names, params)
     if callable(param_labels) and not isinstance(param_labels, Mapping):
         arity = _labeler_arity(param_labels)
         out = []
@@ -302,7 +407,7 @@ def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str
             value = param_labels(n) if arity == 1 else param_labels(n, leaf)
             out.append(_check_label(value, n, "labeler"))
         return names, out
-    return names, _labels_from_tree(param_labels, names)
+    return names, _labels_from_tree(param_labels, names, params)
 
 
 class Placement(NamedTuple):
@@ -389,6 +494,7 @@ def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, 
 __all__ = [
     "REFERENCE_TOKENS",
     "Placement",
+    "TreeLabeler",
     "describe_groups",
     "leaf_labels",
     "lora_label",
@@ -396,4 +502,5 @@ __all__ = [
     "place",
     "reference_label",
     "regex_labeler",
+    "tree_labeler",
 ]

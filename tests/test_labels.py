@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,17 @@ from flax import linen as nn
 from flax import nnx
 
 import aggc_optax
-from aggc_optax import describe_groups, lora_label, path_name, reference_label, regex_labeler
+from aggc_optax import (
+    ScaleOnly,
+    TreeLabeler,
+    describe_groups,
+    lora_label,
+    module_labels,
+    path_name,
+    reference_label,
+    regex_labeler,
+    tree_labeler,
+)
 from tests.spec_model import SPEC_LABEL_TABLE, spec_label
 
 
@@ -33,12 +45,24 @@ def test_reference_label_rejects_non_str() -> None:
         ("base_model.model.model.layers.5.mlp.down_proj.lora_B.default.weight", "down_proj"),
         ("model.layers.0.self_attn.q_proj.weight", None),  # not an adapter
         ("model.norm.weight", None),
-        # contains lora_ but no lora_A/lora_B token: first known projection token
-        ("model.layers.1.self_attn.v_proj.lora_magnitude_vector.weight", "v_proj"),
+        # DoRA: scaled with its projection's group, not counted in its norm
+        ("model.layers.1.self_attn.v_proj.lora_magnitude_vector.weight", ScaleOnly("v_proj")),
+        ("base_model.model.lm_head.lora_magnitude_vector.default.weight", ScaleOnly("lm_head")),
+        # PEFT's embedding adapters: left out, as the authors' callback leaves them
+        ("base_model.model.model.embed_tokens.lora_embedding_A.default", None),
+        ("base_model.model.model.embed_tokens.lora_embedding_B.default", None),
+        # Flax NNX: nnx.LoRA's lora_a/lora_b, inside an nnx.LoRALinear's `lora` submodule
+        ("blocks.0.attn.query.lora.lora_a", "query"),
+        ("layers.3.value.lora.lora_b", "value"),
+        ("adapter.lora_a", "adapter"),  # a standalone nnx.LoRA
+        ("model.layers.0.self_attn.q_proj.lora_a", "q_proj"),
+        ("lora_A.weight", None),  # nothing before the adapter
+        # contains lora_ but no adapter token: first known projection token, else nothing
+        ("model.layers.0.mlp.up_proj.lora_extra.weight", "up_proj"),
         ("model.lora_scale", None),
     ],
 )
-def test_lora_label(name: str, label: str | None) -> None:
+def test_lora_label(name: str, label: str | ScaleOnly | None) -> None:
     assert lora_label(name) == label
 
 
@@ -175,3 +199,109 @@ def test_group_order_is_first_appearance_in_flattening_order() -> None:
     # jax flattens dicts in sorted key order: "a" before "b"
     assert state.labels == ("q_proj", "up_proj")
     assert optax.tree.get(state, "ema").shape == (2,)
+
+
+# --------------------------------------------------------------- tree-level labelers
+
+
+def _two_blocks() -> dict:
+    block = {"q": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "gate": jnp.ones(())}
+    return {"blocks": [block, dict(block)], "head": {"kernel": jnp.ones((2, 3))}}
+
+
+def test_a_tree_labeler_gets_the_whole_tree_and_other_forms_still_work() -> None:
+    params = _two_blocks()
+    seen = []
+
+    @tree_labeler
+    def by_top_key(tree):
+        seen.append(tree)
+        return {key: jax.tree.map(lambda _, k=key: k, sub) for key, sub in tree.items()}
+
+    assert isinstance(by_top_key, TreeLabeler) and by_top_key.__name__ == "by_top_key"
+    state = aggc_optax.aggc(param_labels=by_top_key).init(params)
+    assert state.labels == ("blocks", "head") and seen[0] is params
+    # fn(name), fn(name, leaf), label trees and lora_label are untouched by the new form
+    by_name = describe_groups(params, lambda name: name.split(".")[0])
+    by_leaf = describe_groups(params, lambda name, leaf: f"rank{leaf.ndim}")
+    tree = describe_groups(params, by_top_key(params))
+    assert list(by_name["groups"]) == list(tree["groups"]) == ["blocks", "head"]
+    assert sorted(by_leaf["groups"]) == ["rank0", "rank1", "rank2"]
+
+
+def test_a_tree_labeler_whose_tree_does_not_fit_names_the_leaf() -> None:
+    params = _two_blocks()
+    wrong = TreeLabeler(lambda tree: {"blocks": "x", "head": {"kernel": "h"}})
+    with pytest.raises(ValueError, match=r"does not match the parameters: leaf 0 is 'blocks.0"):
+        describe_groups(params, wrong)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        TreeLabeler("module_labels")  # type: ignore[arg-type]
+
+
+def test_module_labels_rule_on_a_small_tree() -> None:
+    labels = module_labels(_two_blocks())
+    # the bias goes with its kernel; the block index becomes *; a leaf held by the
+    # block itself (beside its submodules) is the block's own group
+    assert labels["blocks"][1]["q"] == {"kernel": "blocks.*.q", "bias": "blocks.*.q"}
+    assert labels["blocks"][0]["gate"] == "blocks.*"
+    assert labels["head"]["kernel"] == "head"
+    # the labels are a function of the paths: flat dotted keys give the same
+    flat = {"blocks.0.q.kernel": 1.0, "blocks.1.q.kernel": 1.0, "head.kernel": 1.0}
+    assert module_labels(flat) == {
+        "blocks.0.q.kernel": "blocks.*.q",
+        "blocks.1.q.kernel": "blocks.*.q",
+        "head.kernel": "head",
+    }
+
+
+def test_module_labels_leaves_non_float_leaves_out_quietly() -> None:
+    params = {
+        "layers": [{"w": jnp.ones(2)}, {"w": jnp.ones(2)}],
+        "step": jnp.zeros((), jnp.int32),
+        "mask": jnp.ones(2, bool),
+        "logit_scale": jnp.ones(()),
+    }
+    labels = module_labels(params)
+    assert labels["step"] is None and labels["mask"] is None
+    # a list of single arrays-holding layers: one group per layer; a root leaf: its own
+    assert [labels["layers"][i]["w"] for i in range(2)] == ["layers.0", "layers.1"]
+    assert labels["logit_scale"] == "logit_scale"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = aggc_optax.aggc(param_labels=module_labels).init(params)
+    assert state.labels == ("layers.0", "layers.1", "logit_scale")
+
+
+@pytest.mark.parametrize(
+    ("names", "want"),
+    [
+        # Linen auto-names: a family of blocks (two or more) merges, modules keep their index
+        (
+            ["Block_0.Dense_0.kernel", "Block_1.Dense_0.kernel", "Block_1.Dense_1.kernel"],
+            ["Block_*.Dense_0", "Block_*.Dense_0", "Block_*.Dense_1"],
+        ),
+        # a single auto-named wrapper keeps its name
+        (
+            ["Encoder_0.Dense_0.kernel", "Encoder_0.Dense_1.kernel"],
+            ["Encoder_0.Dense_0", "Encoder_0.Dense_1"],
+        ),
+        # setup lists of dicts: layers_N_key
+        (
+            ["layers_0_q_proj.kernel", "layers_1_q_proj.kernel", "layers_1_o_proj.kernel"],
+            ["layers_*_q_proj", "layers_*_q_proj", "layers_1_o_proj"],
+        ),
+        # names that only look indexed: conv_1_1 is no list member
+        (
+            ["conv_1_1.kernel", "conv_1_2.kernel", "conv_2_1.kernel"],
+            ["conv_1_1", "conv_1_2", "conv_2_1"],
+        ),
+        # nested repeated blocks: both indices become *
+        (
+            ["stages.0.blocks.0.conv.w", "stages.1.blocks.2.conv.w"],
+            ["stages.*.blocks.*.conv", "stages.*.blocks.*.conv"],
+        ),
+    ],
+)
+def test_module_labels_index_forms(names: list[str], want: list[str]) -> None:
+    labels = module_labels({name: jnp.ones(1) for name in names})
+    assert [labels[name] for name in names] == want
