@@ -206,6 +206,14 @@ def test_float_array_raise_small_is_rejected() -> None:
         )
     with pytest.raises(TypeError, match="raise_small must be a bool"):
         aggc_optax.from_reference_options({"enable": True, "raise_small": jnp.array(0.3)})
+    # a per-group vector is refused, naming the parameter and the shape
+    with pytest.raises(TypeError, match=r"\['raise_small'\].*shape \(2,\)"):
+        aggc_optax.from_reference_options(
+            {"enable": True},
+            group_hyperparams={"q_proj": {"raise_small": jnp.array([True, False])}},
+        )
+    with pytest.raises(TypeError, match="auto_bounds must be a bool"):
+        aggc_optax.from_reference_options({"enable": True, "auto_bounds": jnp.array([True])})
 
 
 def test_capital_linear_warns_and_is_none_as_in_the_reference() -> None:
@@ -249,3 +257,15 @@ def test_state_of_other_labels_is_an_error_naming_both(jit: bool) -> None:
     state = first.init(g)
     with pytest.raises(ValueError, match=r"\['y', 'z'\] in the updates, \['x', 'y'\] at init"):
         _update(second, g, state, jit)
+
+
+@JIT
+def test_entries_near_float32_max_are_clipped(jit: bool) -> None:
+    # 1e37: the squares overflow, the scale 1/n = 7e-38 is still a normal float32
+    # (a norm above about 8e37 gives a subnormal scale, which XLA:CPU flushes to 0)
+    g = {"a": jnp.array([1e37, 1e37, 0.0], jnp.float32)}
+    tx = presets.global_norm(1.0)
+    out, state = _update(tx, g, tx.init(g), jit)
+    # by hand: n = sqrt(2) * 1e37, so the output is [1/sqrt(2), 1/sqrt(2), 0]
+    np.testing.assert_allclose(np.asarray(out["a"]), [2**-0.5, 2**-0.5, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(float(state.norm[0]), 2**0.5 * 1e37, rtol=1e-6)
