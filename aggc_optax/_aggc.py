@@ -183,17 +183,28 @@ def _group_step(
     config: Config, hp: Hyper, one_minus_beta: jax.Array, norm: jax.Array, state: AGGCState
 ) -> GroupStep:
     """The per-group scalar math of docs/reference-behaviour.md §4, vectorised over groups."""
-    taken = jnp.ones(norm.shape, bool) if config.nonfinite == "reference" else jnp.isfinite(norm)
-    ema, residual = state.ema, state.ema_residual
+    ema, residual, ema_count = state.ema, state.ema_residual, state.ema_count
+    if config.nonfinite == "reference":
+        taken = jnp.ones(norm.shape, bool)
+    else:
+        # The safe policy: a step with a non-finite norm, or with a hyperparameter
+        # out of its range at run time (injected or from a schedule), is skipped for
+        # that group (its gradients pass through, its EMA is kept). A non-finite
+        # EMA (e.g. from a restore) is detected: that step is skipped too and the
+        # group's EMA is reset, so the next step starts it over as if never
+        # updated. The reset is applied to the outputs only: selecting on the
+        # inputs of the EMA's TwoSum changes how XLA fuses it, and its bits.
+        restart = ~(jnp.isfinite(ema) & jnp.isfinite(residual))
+        taken = jnp.isfinite(norm) & _hyper_ok(config, hp, one_minus_beta) & ~restart
     if config.ema_init == "first":
-        first = (state.ema_count == 0) & taken
+        first = (ema_count == 0) & taken
         ema, residual = jnp.where(first, norm, ema), jnp.where(first, 0.0, residual)
-    stat, updates_in_stat = ema, state.ema_count
+    stat, updates_in_stat = ema, ema_count
     if config.variant == "paper":
         # Paper eq. 2-4: the EMA of raw norms, including this step, sets the bounds.
         stepped = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm)
         stepped = tuple(jnp.where(taken, new, old) for new, old in zip(stepped, (ema, residual)))
-        stat, updates_in_stat = stepped[0], state.ema_count + taken
+        stat, updates_in_stat = stepped[0], ema_count + taken
     if config.ema_init == "bias_corrected":
         correction = 1 - hp.ema_beta ** updates_in_stat.astype(norm.dtype)
         corrected = stat / jnp.where(correction > 0, correction, 1)
@@ -213,8 +224,32 @@ def _group_step(
         # The reference feeds the EMA the intended post-clip norm.
         fed = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm * scale)
         stepped = tuple(jnp.where(taken, new, old) for new, old in zip(fed, (ema, residual)))
-    ema_count = state.ema_count + taken.astype(state.ema_count.dtype)
+    ema_count = ema_count + taken.astype(state.ema_count.dtype)
+    if config.nonfinite != "reference":
+        stepped = tuple(jnp.where(restart, jnp.zeros_like(x), x) for x in stepped)
+        ema_count = jnp.where(restart, 0, ema_count)
     return GroupStep(scale, lower, upper, *stepped, ema_count, down, raised)
+
+
+def _hyper_ok(config: Config, hp: Hyper, one_minus_beta: jax.Array) -> jax.Array:
+    """Whether each group's hyperparameters at this step are in range (scalar or ``[G]``).
+
+    Construction checks numbers; this catches what only exists at run time
+    (``optax.inject_hyperparams`` values, schedule outputs). For a number fixed
+    at construction XLA folds it to a constant.
+    """
+
+    def finite_nonneg(x: jax.Array) -> jax.Array:
+        return jnp.isfinite(x) & (x >= 0)
+
+    ok = finite_nonneg(hp.ema_beta) & (hp.ema_beta < 1) & jnp.isfinite(one_minus_beta)
+    for x in (hp.low_mult, hp.high_mult, hp.min_norm, hp.max_norm):
+        ok = ok & finite_nonneg(x)
+    ok = ok & finite_nonneg(hp.max_up_scale) & finite_nonneg(hp.max_down_scale)
+    if config.strict_caps:
+        # aggc()'s caps: 0 (off), an upward ceiling >= 1, a downward floor in (0, 1]
+        ok = ok & ((hp.max_up_scale == 0) | (hp.max_up_scale >= 1)) & (hp.max_down_scale <= 1)
+    return ok
 
 
 def _per_group_scalars(values: jax.Array) -> list[jax.Array]:
@@ -256,9 +291,58 @@ def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax
             sums[group] = square if sums[group] is None else sums[group] + square
     total = jnp.stack([jnp.zeros((), dtype) if s is None else s for s in sums])
     if config.axis_name is not None:
-        reduce = jax.lax.psum if config.axis_reduction == "sum" else jax.lax.pmean
-        total = reduce(total, config.axis_name)
-    return jnp.sqrt(total + NORM_FLOOR)
+        total = _axis_reduce(config, total)
+    norm = jnp.sqrt(total + NORM_FLOOR)
+    # A group whose squares overflow the stats dtype (a float32 norm above
+    # about 1.8e19, every entry finite) gets an inf sum. Only on such a step
+    # are its norms recomputed with each group scaled by its max-abs first, so
+    # that normal steps pay nothing but this test (and keep their bits).
+    # nonfinite="reference" keeps the reference's float32 overflow to inf (§8).
+    if config.nonfinite == "reference":
+        return norm
+    return jax.lax.cond(
+        jnp.any(jnp.isinf(total)),
+        lambda: _scaled_group_norms(config, placement, leaves, norm),
+        lambda: norm,
+    )
+
+
+def _axis_reduce(config: Config, total: jax.Array) -> jax.Array:
+    reduce = jax.lax.psum if config.axis_reduction == "sum" else jax.lax.pmean
+    return reduce(total, config.axis_name)
+
+
+def _scaled_group_norms(
+    config: Config, placement: Placement, leaves: list[Any], norm: jax.Array
+) -> jax.Array:
+    """The norms of an overflowing step: ``2**k * sqrt(sum((g * 2**-k)**2))``.
+
+    ``k`` is half the compute dtype's largest exponent (64 for float32), so the
+    scaled squares of any finite entry fit; a power of two scales exactly (the
+    entries it underflows are below ``2**-k`` of a norm above ``2**k``:
+    negligible). One fused kernel per leaf, like the plain sum: no max-abs pass
+    (cheaper to compile and to run than dividing by each group's max-abs).
+    Groups that were finite keep ``norm``; a norm still inf (above the dtype's
+    maximum, or a genuine inf entry) stays inf, and NaN stays NaN.
+    """
+    dtype = _stats_dtype()
+    exponents = [
+        jnp.finfo(_compute_dtype(leaf.dtype)).maxexp // 2
+        for counted, leaf in zip(placement.counted, leaves)
+        if counted
+    ]
+    k = min([jnp.finfo(dtype).maxexp // 2, *exponents])
+    sums: list[jax.Array] = [jnp.zeros((), dtype)] * len(placement.labels)
+    for group, counted, leaf in zip(placement.groups, placement.counted, leaves):
+        if counted:
+            op_dtype = _compute_dtype(leaf.dtype)
+            scaled = leaf.astype(op_dtype) * jnp.asarray(2.0**-k, op_dtype)
+            sums[group] = sums[group] + jnp.sum(jnp.square(scaled)).astype(dtype)
+    total = jnp.stack(sums)
+    if config.axis_name is not None:
+        total = _axis_reduce(config, total)
+    scaled_norm = jnp.asarray(2.0**k, dtype) * jnp.sqrt(total)
+    return jnp.where(jnp.isinf(norm), scaled_norm, norm)
 
 
 def _rescale(placement: Placement, leaves: list[Any], scale: jax.Array) -> list[Any]:
@@ -270,7 +354,11 @@ def _rescale(placement: Placement, leaves: list[Any], scale: jax.Array) -> list[
             out.append(leaf)
             continue
         op_dtype = _compute_dtype(leaf.dtype)
-        out.append((leaf.astype(op_dtype) * group_scale[group].astype(op_dtype)).astype(leaf.dtype))
+        factor = group_scale[group]
+        scaled = (leaf.astype(op_dtype) * factor.astype(op_dtype)).astype(leaf.dtype)
+        # A group left alone comes back bit-identical (XLA:CPU flushes subnormal
+        # products to zero); the select fuses into the multiply's kernel.
+        out.append(jnp.where(factor == 1, leaf, scaled))
     return out
 
 

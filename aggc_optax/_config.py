@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from aggc_optax import _labels, _validation
 from aggc_optax._labels import ParamLabels
@@ -66,6 +67,9 @@ class Config:
     axis_reduction: str
     on_no_groups: str  # "error" (aggc) or "disable" (the reference, §2)
     unlabelled: str  # what init does when the default rule leaves float leaves out
+    # aggc()'s cap ranges are checked at run time too (the reference's form takes
+    # any cap >= 0: out-of-range values invert it, §4)
+    strict_caps: bool = False
 
 
 def resolve(config: Config, labels: tuple[str, ...]) -> Hyper:
@@ -121,7 +125,17 @@ def _down_cap(name: str, v: Any) -> Any:
 
 
 def _flag(name: str, v: Any) -> Any:
-    if _validation.is_traced(v) or isinstance(v, jax.Array):
+    # A tracer (injected under jit) cannot be inspected; a concrete array must be a
+    # scalar bool: jnp.array(0.3) is not taken as True, and a per-group vector is
+    # refused (one value per group is what group_hyperparams is for).
+    if _validation.is_traced(v):
+        return v
+    if isinstance(v, (jax.Array, np.ndarray)):
+        if v.dtype != np.bool_ or v.shape != ():
+            raise TypeError(
+                f"{name} must be a bool (or a scalar bool array), got an array of dtype "
+                f"{v.dtype} and shape {v.shape}; for per-group values use group_hyperparams"
+            )
         return v
     return _validation.check_bool(name, v)
 
@@ -268,6 +282,7 @@ def aggc_config(
         axis_name=axis_name,
         axis_reduction="sum",
         on_no_groups="error",
+        strict_caps=True,
         **_common(param_labels, variant, ema_init, "skip", unlabelled),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -79,6 +80,40 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("bounds_switch_ratio", "bounds_transition_ratio"):
         _validation.check_number(key, merged[key], minimum=0.0, maximum=1.0)
     return merged
+
+
+class InertOptionWarning(UserWarning):
+    """An option value that the reference silently ignores (so this does too)."""
+
+
+def _warn_inert(options: Mapping[str, Any], opts: Mapping[str, Any], total_steps: Any) -> None:
+    """Warn where the reference would silently ignore what the options ask for (§5)."""
+    schedule = opts["bounds_schedule"]
+    if schedule != "linear" and schedule.strip().lower() == "linear":
+        warnings.warn(
+            f"from_reference_options: bounds_schedule={schedule!r} is not 'linear' (the "
+            "reference compares the exact, case-sensitive string), so no schedule is applied, "
+            "as in the reference; pass bounds_schedule='linear' for the ramp",
+            InertOptionWarning,
+            stacklevel=3,
+        )
+    late = [k for k in ("low_mult_late", "high_mult_late") if options.get(k, 0.0) > 0]
+    if late and schedule == "linear" and not total_steps:
+        warnings.warn(
+            f"from_reference_options: {late} are set but total_steps is {total_steps!r}, so "
+            "the linear schedule never starts and the base multipliers are used throughout "
+            "(as in the reference when on_train_begin is not called); pass total_steps for "
+            "the ramp",
+            InertOptionWarning,
+            stacklevel=3,
+        )
+    elif late and schedule.strip().lower() != "linear":
+        warnings.warn(
+            f"from_reference_options: {late} are set but bounds_schedule={schedule!r} is not "
+            "'linear', so they have no effect (as in the reference)",
+            InertOptionWarning,
+            stacklevel=3,
+        )
 
 
 def _check_norm_type(value: Any) -> None:
@@ -175,6 +210,7 @@ def from_reference_options(
     if not opts["enable"]:
         return optax.identity()
 
+    _warn_inert(options, opts, total_steps)
     low, high = opts["low_mult"], opts["high_mult"]
     if opts["bounds_schedule"] == "linear" and total_steps:
         for key in ("low_mult", "high_mult"):

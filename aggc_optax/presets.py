@@ -20,16 +20,23 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from aggc_optax import _validation
 from aggc_optax._aggc import aggc
 from aggc_optax._labels import ParamLabels
-from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
+from aggc_optax._reference_options import (
+    REFERENCE_DEFAULTS,
+    InertOptionWarning,
+    from_reference_options,
+)
 
 #: The authors' LoRA SFT recipe (``LoRA/scripts/*/run_lora_AGGC.sh``), in the
 #: reference's option names.
@@ -91,6 +98,11 @@ def _recipe(
 ) -> optax.GradientTransformation:
     options = dict(recipe)
     keywords: dict[str, Any] = {"nonfinite": "skip"}
+    nested = overrides.get("overrides")
+    if isinstance(nested, Mapping) and "overrides" not in REFERENCE_DEFAULTS:
+        # optax.inject_hyperparams binds the signature and passes the **overrides
+        # dict back as one keyword named "overrides": unpack it.
+        overrides = {**nested, **{k: v for k, v in overrides.items() if k != "overrides"}}
     for key, value in overrides.items():
         if key in _KEYWORDS:
             keywords[key] = value
@@ -101,7 +113,12 @@ def _recipe(
                 f"presets.{name}: unknown override {key!r}; allowed: the reference's options "
                 f"{sorted(REFERENCE_DEFAULTS)} and {list(_KEYWORDS)}"
             )
-    return from_reference_options(options, total_steps=total_steps, **keywords)
+    with warnings.catch_warnings():
+        # total_steps=None (grpo as the authors ran it; documented) leaves the late
+        # multipliers inert by design: not worth a warning from a preset
+        if not total_steps:
+            warnings.simplefilter("ignore", InertOptionWarning)
+        return from_reference_options(options, total_steps=total_steps, **keywords)
 
 
 def lora_sft(total_steps: int | None, **overrides: Any) -> optax.GradientTransformation:
@@ -190,14 +207,25 @@ def global_norm(max_norm: float) -> optax.GradientTransformation:
     which optax scales by at least :math:`1 - \epsilon / \text{max\_norm}` and
     this leaves alone, included). In float32 the different order of the
     roundings adds a few ulps (``tests/test_presets.py`` checks ``rtol=1e-6``;
-    in float64, ``rtol=1e-12 + 1e-15`` for ``max_norm = 1``). A non-finite norm differs
-    by design: AGGC passes the gradients through unchanged, optax turns them into NaN.
+    in float64, ``rtol=1e-12 + 1e-15`` for ``max_norm = 1``). Where they differ:
+
+    * a genuinely non-finite norm (a NaN or inf entry): AGGC passes the
+      gradients through unchanged (optax returns NaN, or zeros for an inf
+      entry next to finite ones);
+    * finite entries whose float32 sum of squares overflows (a norm above
+      about 1.8e19): AGGC recomputes the norm scaled by the max-abs entry on
+      that step and clips to ``max_norm`` correctly; optax's norm is inf and
+      it returns zeros (``docs/reliability.md``).
+
+    An injected ``max_norm=0`` (``optax.inject_hyperparams``) returns zeros,
+    as optax does; a literal ``global_norm(0.0)`` is an error.
 
     It exists to relate AGGC to the clipper it replaces (and for tests); in
     training, ``optax.clip_by_global_norm`` is the simpler choice.
 
     Args:
-      max_norm: the largest global norm let through; ``> 0``.
+      max_norm: the largest global norm let through; ``> 0``. May be injected
+        (``optax.inject_hyperparams``), where an injected 0 zeroes the gradients.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -211,10 +239,39 @@ def global_norm(max_norm: float) -> optax.GradientTransformation:
       >>> [round(float(x), 4) for x in out["a"]]
       [0.6, 0.8]
     """
+    injected = isinstance(max_norm, jax.Array)  # as optax.inject_hyperparams passes it
     max_norm = _validation.check_number("max_norm", max_norm, minimum=0.0)
-    if max_norm <= 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    return aggc(param_labels=_single_group, auto_bounds=False, max_norm=max_norm)
+    if not injected and max_norm <= 0:
+        # a literal 0 is most likely a mistake; an injected 0 (a schedule's end) is
+        # taken as optax takes it
+        raise ValueError(
+            f"max_norm must be > 0, got {max_norm!r} (an array 0, as optax.inject_hyperparams "
+            "passes it, zeroes the gradients as optax.clip_by_global_norm(0) does)"
+        )
+    inner = aggc(param_labels=_single_group, auto_bounds=False, max_norm=max_norm)
+
+    def init_fn(params: optax.Params) -> Any:
+        if not any(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in _leaves(params)):
+            raise ValueError(
+                "presets.global_norm: the parameters have no floating-point leaf, so there is "
+                f"nothing to clip (got {params!r})"
+            )
+        return inner.init(params)
+
+    def update_fn(updates: optax.Updates, state: Any, params: Any = None, **extra: Any) -> Any:
+        out, state = inner.update(updates, state, params, **extra)
+        if _validation.is_traced(max_norm) or max_norm == 0:
+            # optax.clip_by_global_norm(0) returns zeros; AGGC's upper bound of 0 is "off"
+            # (a Python branch only where max_norm is a known number: no `if` on a tracer)
+            keep = jnp.asarray(max_norm) > 0
+            out = jax.tree_util.tree_map(lambda g: jnp.where(keep, g, jnp.zeros_like(g)), out)
+        return out, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    return jax.tree_util.tree_leaves(tree)
 
 
 def _per_tensor(name: str) -> str:
@@ -280,7 +337,7 @@ def adagc(
       Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
     """
     rel_threshold = _validation.check_number("rel_threshold", rel_threshold, minimum=0.0)
-    if rel_threshold <= 0:
+    if not _validation.is_traced(rel_threshold) and rel_threshold <= 0:
         raise ValueError(f"rel_threshold must be > 0, got {rel_threshold!r}")
     return aggc(
         ema_beta=ema_beta,

@@ -1,0 +1,271 @@
+"""Issue 14, reliability round 2: expectations by hand computation, eager and under jax.jit."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import aggc_optax
+from aggc_optax import presets
+
+JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+
+
+def _update(tx: Any, g: Any, state: Any, jit: bool) -> Any:
+    return (jax.jit(tx.update) if jit else tx.update)(g, state)
+
+
+# 1. overflow-safe norms ------------------------------------------------------
+
+
+@JIT
+def test_global_norm_clips_a_finite_overflowing_gradient_to_norm_one(jit: bool) -> None:
+    g = {"a": jnp.array([1e20, 1e20], jnp.float32), "b": jnp.array([1.0, 2.0], jnp.float32)}
+    tx = presets.global_norm(1.0)
+    out, state = _update(tx, g, tx.init(g), jit)
+    # by hand: n = sqrt(2) * 1e20 (b is negligible), so a -> 1e20 / n = 1/sqrt(2)
+    np.testing.assert_allclose(np.asarray(out["a"]), [2**-0.5, 2**-0.5], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out["b"]), [1 / (2**0.5 * 1e20), 2 / (2**0.5 * 1e20)], rtol=1e-6
+    )
+    np.testing.assert_allclose(float(state.norm[0]), 2**0.5 * 1e20, rtol=1e-6)
+    assert float(state.clip_down_count[0]) == 1
+
+
+@JIT
+def test_aggc_group_overflow_is_clipped_and_its_ema_stays_finite(jit: bool) -> None:
+    labels = {"q": "q", "k": "k"}
+    tx = aggc_optax.aggc(param_labels=labels)
+    g0 = {"q": jnp.full((4,), 1.0), "k": jnp.full((4,), 1.0)}
+    state = tx.init(g0)
+    _, state = _update(tx, g0, state, jit)  # EMA starts at the first norm, 2 (by hand)
+    g1 = {"q": jnp.full((4,), 1e20), "k": jnp.full((4,), 1.0)}
+    out, state = _update(tx, g1, state, jit)
+    # bound 2 x 2 = 4: q's norm 2e20 is clipped to 4, each of the 4 entries 2.0
+    np.testing.assert_allclose(np.asarray(out["q"]), np.full(4, 2.0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["k"]), np.ones(4))
+    assert np.all(np.isfinite(np.asarray(state.ema)))
+    # reference policy: 0.99 * 2 + 0.01 * 4 = 2.02
+    np.testing.assert_allclose(float(state.ema[list(state.labels).index("q")]), 2.02, rtol=1e-6)
+
+
+def test_genuine_inf_still_passes_through() -> None:
+    g = {"a": jnp.array([jnp.inf, 1.0])}
+    tx = presets.global_norm(1.0)
+    out, _ = tx.update(g, tx.init(g))
+    np.testing.assert_array_equal(np.asarray(out["a"]), [np.inf, 1.0])
+
+
+# 2. presets under optax wrappers --------------------------------------------
+
+G = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0, 0.0])}
+
+
+@JIT
+def test_injected_global_norm(jit: bool) -> None:
+    tx = optax.inject_hyperparams(presets.global_norm)(0.1)
+    out, _ = _update(tx, G, tx.init(G), jit)
+    np.testing.assert_allclose(np.asarray(out["a"]), [0.06, 0.08], rtol=1e-6)
+
+
+@JIT
+def test_injected_max_norm_zero_returns_zeros_like_optax(jit: bool) -> None:
+    tx = optax.inject_hyperparams(presets.global_norm)(0.0)
+    out, _ = _update(tx, G, tx.init(G), jit)
+    ref, _ = optax.clip_by_global_norm(0.0).update(G, optax.EmptyState())
+    for k in G:
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(ref[k]))
+        np.testing.assert_array_equal(np.asarray(out[k]), 0.0)
+
+
+@JIT
+def test_injected_adagc(jit: bool) -> None:
+    tx = optax.inject_hyperparams(presets.adagc)(1.05, 0.9)
+    state = tx.init(G)
+    out, state = _update(tx, G, state, jit)
+    np.testing.assert_array_equal(np.asarray(out["a"]), [3.0, 4.0])  # first step: EMA = norm
+    big = {"a": jnp.array([30.0, 40.0]), "b": jnp.array([0.0, 0.0])}
+    out, _ = _update(tx, big, state, jit)
+    # bound 1.05 * 5 = 5.25, norm 50: a * 5.25 / 50
+    np.testing.assert_allclose(np.asarray(out["a"]), [3.15, 4.2], rtol=1e-6)
+
+
+@JIT
+@pytest.mark.parametrize("which", ["lora_sft", "grpo"])
+def test_injected_recipes(jit: bool, which: str) -> None:
+    params = {"model": {"layers": {"0": {"q_proj": {"weight": jnp.array([3.0, 4.0])}}}}}
+    if which == "lora_sft":
+        tx = optax.inject_hyperparams(presets.lora_sft, static_args=("total_steps",))(
+            total_steps=100
+        )
+        direct = presets.lora_sft(100)
+    else:
+        tx = optax.inject_hyperparams(presets.grpo)()
+        direct = presets.grpo()
+    out, _ = _update(tx, params, tx.init(params), jit)
+    want, _ = direct.update(params, direct.init(params))
+    np.testing.assert_array_equal(
+        np.asarray(jax.tree.leaves(out)[0]), np.asarray(jax.tree.leaves(want)[0])
+    )
+
+
+# 3. traps -------------------------------------------------------------------
+
+
+def test_global_norm_empty_tree_error_names_no_param_labels() -> None:
+    with pytest.raises(ValueError, match="nothing to clip") as err:
+        presets.global_norm(1.0).init({})
+    assert "param_labels" not in str(err.value)
+
+
+def test_lora_sft_default_nan_policy_is_skip() -> None:
+    params = {"model": {"layers": {"0": {"q_proj": {"weight": jnp.array([3.0, 4.0])}}}}}
+    tx = presets.lora_sft(100)
+    state = tx.init(params)
+    _, state = tx.update(params, state)
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), params)
+    _, state2 = tx.update(bad, state)
+    assert np.all(np.isfinite(np.asarray(state2.ema)))  # the reference's policy would give NaN
+
+
+# 4. bad run-time values never poison the state ------------------------------
+
+
+@JIT
+@pytest.mark.parametrize("beta", [float("nan"), 1.0, -3.0, float("inf")])
+def test_bad_injected_ema_beta_skips_the_step(jit: bool, beta: float) -> None:
+    tx = optax.inject_hyperparams(aggc_optax.aggc, static_args=("param_labels",))(
+        ema_beta=0.5, param_labels={"a": "a", "b": None}
+    )
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
+    state = tx.init(g)
+    _, state = _update(tx, g, state, jit)  # EMA 5
+    state.hyperparams["ema_beta"] = jnp.asarray(beta)
+    spike = {"a": jnp.array([300.0, 400.0]), "b": jnp.array([1.0])}
+    if not jit:  # a concrete injected value is checked when the inner aggc() is built
+        with pytest.raises(ValueError, match="ema_beta must be"):
+            _update(tx, spike, state, jit)
+        return
+    out, state = _update(tx, spike, state, jit)
+    np.testing.assert_array_equal(np.asarray(out["a"]), [300.0, 400.0])  # passes through
+    assert float(state.inner_state.ema[0]) == 5.0 and int(state.inner_state.ema_count[0]) == 1
+    state.hyperparams["ema_beta"] = jnp.asarray(0.5)
+    out, state = _update(tx, spike, state, jit)
+    # clipping works again: bound 2 x 5 = 10, norm 500
+    np.testing.assert_allclose(np.asarray(out["a"]), [6.0, 8.0], rtol=1e-6)
+
+
+@JIT
+def test_injected_max_down_scale_above_one_is_a_fault(jit: bool) -> None:
+    tx = optax.inject_hyperparams(aggc_optax.aggc, static_args=("param_labels",))(
+        max_down_scale=0.5, param_labels={"a": "a"}
+    )
+    g = {"a": jnp.array([3.0, 4.0])}
+    state = tx.init(g)
+    _, state = _update(tx, g, state, jit)
+    state.hyperparams["max_down_scale"] = jnp.asarray(5.0)
+    if not jit:
+        with pytest.raises(ValueError, match="max_down_scale must be in"):
+            _update(tx, {"a": jnp.array([30.0, 40.0])}, state, jit)
+        return
+    out, _ = _update(tx, {"a": jnp.array([30.0, 40.0])}, state, jit)
+    np.testing.assert_array_equal(np.asarray(out["a"]), [30.0, 40.0])  # not multiplied by 5
+
+
+@JIT
+def test_nan_in_restored_ema_restarts_the_group(jit: bool) -> None:
+    tx = aggc_optax.aggc(param_labels={"a": "a"})
+    g = {"a": jnp.array([3.0, 4.0])}
+    state = tx.init(g)
+    _, state = _update(tx, g, state, jit)
+    state = state._replace(ema=jnp.full_like(state.ema, jnp.nan))
+    out, state = _update(tx, {"a": jnp.array([30.0, 40.0])}, state, jit)
+    # detected: this step passes through and the EMA is reset
+    np.testing.assert_array_equal(np.asarray(out["a"]), [30.0, 40.0])
+    assert float(state.ema[0]) == 0.0 and int(state.ema_count[0]) == 0
+    _, state = _update(tx, g, state, jit)
+    # restarted as never updated: ema_init="first" takes this norm, 5
+    np.testing.assert_allclose(float(state.ema[0]), 5.0, rtol=1e-6)
+    out, _ = _update(tx, {"a": jnp.array([300.0, 400.0])}, state, jit)
+    np.testing.assert_allclose(np.asarray(out["a"]), [6.0, 8.0], rtol=1e-6)
+
+
+# 6. unchecked array options and typos --------------------------------------
+
+
+def test_float_array_raise_small_is_rejected() -> None:
+    with pytest.raises(TypeError, match=r"\['raise_small'\] must be a bool"):
+        aggc_optax.from_reference_options(
+            {"enable": True}, group_hyperparams={"q_proj": {"raise_small": jnp.array(0.3)}}
+        )
+    with pytest.raises(TypeError, match="raise_small must be a bool"):
+        aggc_optax.from_reference_options({"enable": True, "raise_small": jnp.array(0.3)})
+    # a per-group vector is refused, naming the parameter and the shape
+    with pytest.raises(TypeError, match=r"\['raise_small'\].*shape \(2,\)"):
+        aggc_optax.from_reference_options(
+            {"enable": True},
+            group_hyperparams={"q_proj": {"raise_small": jnp.array([True, False])}},
+        )
+    with pytest.raises(TypeError, match="auto_bounds must be a bool"):
+        aggc_optax.from_reference_options({"enable": True, "auto_bounds": jnp.array([True])})
+
+
+def test_capital_linear_warns_and_is_none_as_in_the_reference() -> None:
+    with pytest.warns(UserWarning, match="bounds_schedule='Linear' is not 'linear'"):
+        aggc_optax.from_reference_options(
+            {"enable": True, "bounds_schedule": "Linear", "high_mult_late": 0.7}, total_steps=10
+        )
+
+
+def test_late_multipliers_without_total_steps_warn() -> None:
+    with pytest.warns(UserWarning, match="total_steps is None"):
+        aggc_optax.from_reference_options(
+            {"enable": True, "bounds_schedule": "linear", "high_mult_late": 0.7}
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        presets.grpo()  # the recipe as the authors ran it: documented, no warning
+
+
+# 7. subnormals ---------------------------------------------------------------
+
+
+@JIT
+def test_untouched_group_is_bit_identical_with_subnormals(jit: bool) -> None:
+    tiny = np.float32(1e-40)  # subnormal in float32
+    g = {"a": jnp.array([tiny, -tiny, 1.0], jnp.float32)}
+    tx = presets.global_norm(10.0)
+    out, state = _update(tx, g, tx.init(g), jit)
+    assert float(state.scale[0]) == 1.0
+    assert np.asarray(out["a"]).tobytes() == np.asarray(g["a"]).tobytes()
+
+
+# 5. a state of other groups --------------------------------------------------
+
+
+@JIT
+def test_state_of_other_labels_is_an_error_naming_both(jit: bool) -> None:
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
+    first = aggc_optax.aggc(param_labels={"a": "x", "b": "y"})
+    second = aggc_optax.aggc(param_labels={"a": "y", "b": "z"})
+    state = first.init(g)
+    with pytest.raises(ValueError, match=r"\['y', 'z'\] in the updates, \['x', 'y'\] at init"):
+        _update(second, g, state, jit)
+
+
+@JIT
+def test_entries_near_float32_max_are_clipped(jit: bool) -> None:
+    # 1e37: the squares overflow, the scale 1/n = 7e-38 is still a normal float32
+    # (a norm above about 8e37 gives a subnormal scale, which XLA:CPU flushes to 0)
+    g = {"a": jnp.array([1e37, 1e37, 0.0], jnp.float32)}
+    tx = presets.global_norm(1.0)
+    out, state = _update(tx, g, tx.init(g), jit)
+    # by hand: n = sqrt(2) * 1e37, so the output is [1/sqrt(2), 1/sqrt(2), 0]
+    np.testing.assert_allclose(np.asarray(out["a"]), [2**-0.5, 2**-0.5, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(float(state.norm[0]), 2**0.5 * 1e37, rtol=1e-6)
