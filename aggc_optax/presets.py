@@ -213,9 +213,9 @@ def global_norm(max_norm: float) -> optax.GradientTransformation:
       gradients through unchanged (optax returns NaN, or zeros for an inf
       entry next to finite ones);
     * finite entries whose float32 sum of squares overflows (a norm above
-      about 1.8e19): AGGC recomputes the norm scaled by the max-abs entry on
-      that step and clips to ``max_norm`` correctly; optax's norm is inf and
-      it returns zeros (``docs/reliability.md``).
+      about 1.8e19): the norm is inf, so AGGC treats the group as non-finite
+      and passes it through, where optax returns zeros
+      (``docs/reliability.md``, "Overflow").
 
     An injected ``max_norm=0`` (``optax.inject_hyperparams``) returns zeros,
     as optax does; a literal ``global_norm(0.0)`` is an error.

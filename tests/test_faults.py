@@ -163,10 +163,7 @@ def model_trajectory(
 
 @pytest.mark.parametrize("config", ["default", "raise_no_caps"])
 @pytest.mark.parametrize("step", [0, 3, 40], ids=["step0", "warmup", "late"])
-# "overflow" and "float32_max" (finite entries whose float32 sum of squares
-# overflows) are no longer faults under "skip": their norm is recomputed scaled
-# and the group is clipped (tests/test_reliability2.py).
-@pytest.mark.parametrize("kind", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "overflow", "float32_max"])
 def test_skip_policy_isolates_the_faulty_group(config: str, step: int, kind: str) -> None:
     faulty = with_fault(SEQUENCE, step, kind)
     got = run(config, faulty)
