@@ -615,8 +615,8 @@ def plot_loss_vs_lr(analysis: dict[str, Any], setup: Setup, path: str) -> None:
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final held-out loss (nats/byte)")
     ax.set_title(
-        f"Final held-out loss vs learning rate, {len(setup.seeds)} seeds "
-        "(line: mean, band: min-max; capped at 1.2x the initial loss)"
+        f"Final held-out loss vs learning rate, {len(setup.seeds)} seeds\n"
+        "(line: seed mean, band: min-max; values capped at 1.2x the initial loss)"
     )
     ax.grid(True, which="both", alpha=0.3, lw=0.5)
     ax.legend(fontsize=7, ncol=2)
@@ -679,8 +679,8 @@ def plot_scale_heatmap(
         fig.delaxes(axes[j // ncols][j % ncols])
     start, end = setup.fault_window
     fig.suptitle(
-        f"Factor applied to each group's gradient (log10; 0 = untouched, blue = "
-        f"shrunk), {setup.fault_group} x{setup.fault_scale:g} at steps {start}-{end - 1}"
+        f"Factor applied to each group's gradient (log10; 0 = untouched, red = shrunk, blue = "
+        f"raised), {setup.fault_group} x{setup.fault_scale:g} at steps {start}-{end - 1}"
         f", seed {setup.seeds[0]}"
     )
     if image is not None:

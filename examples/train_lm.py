@@ -593,12 +593,35 @@ def plot_clip_scales(out: dict[str, Any], path: str, fault_text: str) -> None:
     fig.legend(handles, names, loc="outside lower center", ncol=2)
     title = "Factor applied to each group's gradient (1 = untouched)"
     if out["window"] is not None:
-        title += (
-            f"\ngrey band: {fault_text}: global clipping shrinks every group, "
-            f"AGGC only {out['fault_group']}"
-        )
+        title += f"\ngrey band: {fault_text}. {fault_caption(out)}"
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
+
+
+def fault_factors(out: dict[str, Any], run: str) -> tuple[float, float]:
+    """During the fault: the smallest factor on the faulty group, and on any other group."""
+    labels, (start, end) = out["labels"], out["window"]
+    r = out["results"][run]
+    before, after = r["before"][start:end], r["after"][start:end]
+    scale = np.where(before > 0, after / np.where(before > 0, before, 1.0), 1.0)
+    j = labels.index(out["fault_group"])
+    others = np.delete(scale, j, axis=1)
+    return float(scale[:, j].min()), float(others.min()) if others.size else 1.0
+
+
+def fault_caption(out: dict[str, Any]) -> str:
+    """What the run's own factors show during the fault, one clause per clipper."""
+    parts = []
+    for run in ("global_clip", "aggc"):
+        faulty, others = fault_factors(out, run)
+        name = RUN_TITLES[run].removeprefix("AdamW + ")
+        if others >= 1 - 1e-6:
+            parts.append(f"{name}: {out['fault_group']} x{faulty:.2g}, other groups untouched")
+        else:
+            parts.append(
+                f"{name}: {out['fault_group']} x{faulty:.2g}, other groups down to x{others:.2g}"
+            )
+    return "; ".join(parts)
 
 
 def summarize(out: dict[str, Any], args: argparse.Namespace, fault_text: str) -> str:
@@ -658,9 +681,7 @@ def summarize(out: dict[str, Any], args: argparse.Namespace, fault_text: str) ->
             "other groups' gradients: global clip "
             f"{_mean_other_scale(glob, labels, out['fault_group'], start, end):.3g}, AGGC "
             f"{_mean_other_scale(results['aggc'], labels, out['fault_group'], start, end):.3g}"
-            " (1 = untouched). Global clipping shrinks every group to make room for the "
-            f"faulty one; AGGC rescales {out['fault_group']} against its own history and treats "
-            "the other groups as on any other step.",
+            f" (1 = untouched). Smallest factors during the fault: {fault_caption(out)}.",
         ]
     if getattr(args, "aggc_changed", None):
         flags = ", ".join(f"{flag} {value}" for flag, value in args.aggc_changed.items())

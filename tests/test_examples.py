@@ -205,3 +205,25 @@ def test_train_lm_switches_aggc_variants_from_the_command_line(tmp_path):
         assert float(r["upper"]) == pytest.approx(2.0 * norm, rel=1e-5)
         assert float(r["lower"]) == pytest.approx(max(0.01, 0.5 * norm), rel=1e-5)
         assert float(r["scale"]) == 1.0
+
+
+def test_train_lm_fault_caption_states_what_the_csv_shows(train_lm_run):
+    # The summary's fault sentence is computed from the run; recompute it from
+    # group_norms.csv here so a caption cannot drift from the data again.
+    out, _ = train_lm_run
+    rows = _read_csv(out / "group_norms.csv")
+    summary = (out / "summary.md").read_text()
+    sentence = summary.split("Smallest factors during the fault: ")[1].split("\n")[0]
+    for run, name in (("global_clip", "global-norm clip"), ("aggc", "AGGC")):
+        scale = {}
+        for r in rows:
+            if r["run"] == run and 12 <= int(r["step"]) < 15:
+                scale.setdefault(r["module"], []).append(float(r["scale"]))
+        faulty = min(scale.pop("v_proj"))
+        others = min(min(v) for v in scale.values())
+        clause = next(c for c in sentence.rstrip(".").split("; ") if c.startswith(name))
+        assert f"v_proj x{faulty:.2g}" in clause, (clause, faulty)
+        if others >= 1 - 1e-6:
+            assert "other groups untouched" in clause
+        else:
+            assert f"other groups down to x{others:.2g}" in clause, (clause, others)

@@ -224,3 +224,69 @@ def test_other_corpus_and_flag_errors(tmp_path):
         stability.parse_args(["--quick", "--fault-lr", "0.5"])  # not one of the rates
     with pytest.raises(SystemExit):
         stability.parse_args(["--methods", "adamw,nope"])
+
+
+# --- docs/stability.md against the run it reports ------------------------------
+
+DOCS = os.path.join(os.path.dirname(EXAMPLES), "docs")
+
+
+@pytest.fixture(scope="module")
+def vendored():
+    import gzip
+
+    with gzip.open(os.path.join(DOCS, "data", "stability_results.json.gz"), "rt") as f:
+        return json.load(f)
+
+
+def test_docs_tables_are_the_vendored_runs_summary(vendored):
+    setup = stability.setup_of(vendored)
+    summary = stability.summary_md(vendored["analysis"], setup, vendored)
+    body = "\n".join(("#" + x if x.startswith("#") else x) for x in summary.splitlines()[1:])
+    doc = open(os.path.join(DOCS, "stability.md")).read()
+    block = doc.split("<!-- stability-summary:start -->")[1].split(
+        "<!-- stability-summary:end -->"
+    )[0]
+    assert block.strip() == body.strip()
+
+
+def test_docs_prose_claims_hold_in_the_vendored_run(vendored):
+    m = vendored["analysis"]["methods"]
+    init = vendored["analysis"]["loss_at_init"]
+    setup = vendored["setup"]
+    assert len(setup["seeds"]) >= 3 and max(setup["rates"]) / min(setup["rates"]) >= 100
+    # "Unclipped AdamW does not diverge here."
+    assert m["adamw"]["diverged_rates"] == [] and max(m["adamw"]["mean_by_rate"]) < init
+    # "At lr 3, aggc()'s defaults made things worse" and "the most sensitive".
+    assert m["aggc_default"]["mean_by_rate"][-1] > m["adamw"]["mean_by_rate"][-1] + 1.0
+    assert max(m, key=lambda k: m[k]["sensitivity"]) == "aggc_default"
+    # "At every rate up to 1 the default stays within 0.02 of AdamW."
+    for lr, a, b in zip(
+        setup["rates"], m["aggc_default"]["mean_by_rate"], m["adamw"]["mean_by_rate"]
+    ):
+        if lr <= 1.0:
+            assert abs(a - b) < 0.02, lr
+    # "best rate 1e-2 for every method"
+    assert {v["best_rate"] for v in m.values()} == {0.01}
+    fault = {k: v["group_fault"] for k, v in m.items()}
+    # "cut v_proj to as little as 0.039x and rescaled the other groups on 3 of 660 pairs"
+    assert fault["aggc_default"]["min_factor_by_group"]["v_proj"] == pytest.approx(0.039, abs=5e-4)
+    assert fault["aggc_default"]["other_groups_rescaled"] == 3
+    assert fault["aggc_default"]["other_groups_pairs"] == 660
+    # "Global clipping shrank every group on every fault step ... had not recovered"
+    assert (
+        fault["global_clip"]["other_groups_rescaled"] == fault["global_clip"]["other_groups_pairs"]
+    )
+    assert fault["global_clip"]["steps_to_recover"] == [None, None, None]
+    assert fault["global_clip"]["final_gap"] > 10 * fault["aggc_default"]["final_gap"]
+    # "The authors' recipes multiplied every group by 0.9"
+    for k in ("lora_sft", "grpo"):
+        assert fault[k]["min_factor_by_group"]["v_proj"] == pytest.approx(0.9, abs=1e-4)
+    # "A bad batch: global clipping helps most" (ties with the zero-started EMA)
+    bad = {k: v["bad_batch"]["final_gap"] for k, v in m.items()}
+    assert bad["global_clip"] <= min(bad.values()) + 5e-4
+    assert abs(bad["aggc_default"] - bad["adamw"]) < 0.002
+    # "Normal steps are left alone": the default under 0.5%, the recipes above 95%.
+    assert m["aggc_default"]["normal_rescaled_share"] < 0.005
+    for k in ("lora_sft", "grpo", "aggc_ema_zero"):
+        assert m[k]["normal_rescaled_share"] > 0.95
