@@ -527,25 +527,6 @@ def test_hf_mixtral_names_put_all_experts_of_a_role_together() -> None:
     assert sorted(_groups(_tree(names), None)["w2"]) == sorted(groups[f"{moe}.experts.*.w2"])
 
 
-def test_hf_flax_llama_from_a_config() -> None:
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "FlaxLlamaForCausalLM"):
-        pytest.skip("the installed transformers has no Flax LLaMA")
-    config = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=D,
-        intermediate_size=2 * D,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    params = transformers.FlaxLlamaForCausalLM(config, _do_init=True).params
-    groups = _groups(params)
-    assert "model.layers.*.self_attn.q_proj" in groups
-    assert len(groups["model.layers.*.self_attn.q_proj"]) == 2
-    _all_floating_leaves_labelled(params)
-
-
 # --------------------------------------------------------------- inside a training step
 
 
