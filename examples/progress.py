@@ -7,7 +7,6 @@ silent either.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -38,7 +37,7 @@ class Progress:
                 from tqdm.auto import tqdm
             except ImportError:  # the examples extra installs tqdm
                 tqdm = None
-            if tqdm is not None and sys.stderr.isatty():
+            if tqdm is not None:
                 self._bar = tqdm(total=self.total, desc=desc, dynamic_ncols=True)
             else:
                 print(f"{desc}: {self.total} steps; the first ones include compilation", flush=True)

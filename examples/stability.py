@@ -54,7 +54,14 @@ from aggc_optax import presets
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from progress import Progress
 from text_corpus import VOCAB_SIZE, Corpus, load_corpus, window_starts, windows
-from train_lm import LlamaForCausalLM, ModelConfig, token_losses
+from train_lm import (
+    LlamaForCausalLM,
+    ModelConfig,
+    group_factors,
+    group_ids,
+    group_norms,
+    token_losses,
+)
 
 # ---------------------------------------------------------------------------
 # Methods: name -> (description, builder(total_steps)).
@@ -133,35 +140,29 @@ def lr_shape(step: jax.Array, setup: Setup) -> jax.Array:
     return jnp.where(step < setup.warmup_steps, warm, cosine)
 
 
-def group_index(params: Any) -> tuple[list[str], list[int]]:
+def adam_direction(setup: Setup) -> optax.GradientTransformation:
+    """AdamW without its learning rate: the step applies ``-lr * lr_shape`` itself."""
+    return optax.chain(
+        optax.scale_by_adam(b1=0.9, b2=0.99), optax.add_decayed_weights(setup.weight_decay)
+    )
+
+
+def groups_of(params: Any) -> tuple[list[str], list[int]]:
     """The reference's module-type groups of ``params`` and, per leaf, its group (-1: none)."""
-    info = aggc_optax.describe_groups(params)
-    labels = list(info["groups"])
-    group_of = {leaf: j for j, (_, e) in enumerate(info["groups"].items()) for leaf in e["leaves"]}
-    names = [aggc_optax.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return labels, [group_of.get(n, -1) for n in names]
-
-
-def _group_norms(tree: Any, ids: Sequence[int], num_groups: int) -> jax.Array:
-    sums = [jnp.float32(0.0)] * num_groups
-    for leaf, j in zip(jax.tree_util.tree_leaves(tree), ids):
-        if j >= 0:
-            sums[j] = sums[j] + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-    return jnp.sqrt(jnp.stack(sums))
+    labels = list(aggc_optax.describe_groups(params)["groups"])
+    return labels, group_ids(params, labels)
 
 
 def make_step(
     graphdef: Any,
     clipper: optax.GradientTransformation,
+    adam: optax.GradientTransformation,
     setup: Setup,
     ids: Sequence[int],
     num_groups: int,
     fault_leaf: Sequence[bool],
 ) -> Any:
     """A jitted training step of all runs of one method (``vmap`` over runs)."""
-    adam = optax.chain(
-        optax.scale_by_adam(b1=0.9, b2=0.99), optax.add_decayed_weights(setup.weight_decay)
-    )
 
     def loss_fn(params: Any, tokens: jax.Array) -> jax.Array:
         return jnp.mean(token_losses(nnx.merge(graphdef, params), tokens))
@@ -177,7 +178,7 @@ def make_step(
         step_size = -lr * lr_shape(count, setup)
         params = jax.tree.map(lambda p, u: p + step_size * u, params, direction)
         norms = jnp.stack(
-            [_group_norms(grads, ids, num_groups), _group_norms(clipped, ids, num_groups)]
+            [group_norms(grads, ids, num_groups), group_norms(clipped, ids, num_groups)]
         )
         return params, (clip_state, adam_state, count + 1), loss, norms
 
@@ -248,16 +249,14 @@ def train_method(method: str, setup: Setup, data: Data, bar: Progress) -> dict[s
     """Every run of ``method``: losses, held-out curve and group norms before/after."""
     runs = setup.runs()
     clipper = METHODS[method][1](setup.steps)
-    graphdef, _ = init_params(setup, setup.seeds[0])
-    per_seed = {s: init_params(setup, s)[1] for s in setup.seeds}
-    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[per_seed[r.seed] for r in runs])
-    labels, ids = group_index(per_seed[setup.seeds[0]])
+    built = {s: init_params(setup, s) for s in setup.seeds}
+    graphdef = built[setup.seeds[0]][0]
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[built[r.seed][1] for r in runs])
+    labels, ids = groups_of(built[setup.seeds[0]][1])
     fault_leaf = [j >= 0 and labels[j] == setup.fault_group for j in ids]
-    adam = optax.chain(
-        optax.scale_by_adam(b1=0.9, b2=0.99), optax.add_decayed_weights(setup.weight_decay)
-    )
+    adam = adam_direction(setup)
     state = jax.jit(jax.vmap(lambda p: (clipper.init(p), adam.init(p), jnp.int32(0))))(params)
-    step_fn = make_step(graphdef, clipper, setup, ids, len(labels), fault_leaf)
+    step_fn = make_step(graphdef, clipper, adam, setup, ids, len(labels), fault_leaf)
     evaluate = make_eval(graphdef)
     lrs = jnp.asarray([r.lr for r in runs], jnp.float32)
     eval_tokens = jnp.asarray(data.eval_tokens)
@@ -285,12 +284,6 @@ def train_method(method: str, setup: Setup, data: Data, bar: Progress) -> dict[s
 # ---------------------------------------------------------------------------
 # Analysis: every number of the summary, from the recorded runs.
 # ---------------------------------------------------------------------------
-
-
-def factors(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """The factor each group's gradient norm was multiplied by (1 where the norm is 0)."""
-    safe = np.where(before > 0, before, 1.0)
-    return np.where(before > 0, after / safe, 1.0)
 
 
 def finite_or_inf(x: float) -> float:
@@ -342,7 +335,7 @@ def analyse(results: dict[str, dict[str, Any]], setup: Setup) -> dict[str, Any]:
         }
         mean_by_rate = [float(np.mean(sweep[lr])) for lr in setup.rates]
         best = int(np.argmin([finite_or_inf(v) for v in mean_by_rate]))
-        f = factors(r["before"], r["after"])
+        f = group_factors(r["before"], r["after"])
         base_runs = [index[("sweep", setup.fault_lr, s)] for s in setup.seeds]
         normal = f[base_runs]
         entry: dict[str, Any] = {
@@ -360,18 +353,16 @@ def analyse(results: dict[str, dict[str, Any]], setup: Setup) -> dict[str, Any]:
                 for j, label in enumerate(labels)
             },
         }
-        eval_after = int(np.searchsorted(r["eval_steps"], end))
         for kind in ("group_fault", "bad_batch"):
             hit = [index[(kind, setup.fault_lr, s)] for s in setup.seeds]
-            window = (
-                slice(start, end)
+            # The fault's steps [first, at): the window, or the one bad step.
+            first, at = (
+                (start, end)
                 if kind == "group_fault"
-                else slice(setup.bad_batch_step, setup.bad_batch_step + 1)
+                else (setup.bad_batch_step, setup.bad_batch_step + 1)
             )
-            at = end if kind == "group_fault" else setup.bad_batch_step + 1
-            eval_at = (
-                eval_after if kind == "group_fault" else int(np.searchsorted(r["eval_steps"], at))
-            )
+            window = slice(first, at)
+            eval_at = int(np.searchsorted(r["eval_steps"], at))
             diffs = r["loss"][hit] - r["loss"][base_runs]
             if kind == "bad_batch":  # the bad batch's own loss is not a training-loss gap
                 diffs[:, setup.bad_batch_step] = 0.0
@@ -650,9 +641,13 @@ def plot_fault_curves(analysis: dict[str, Any], setup: Setup, path: str) -> None
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss, fault run minus fault-free run")
-        ax.set_title(f"{title} (grey), lr {setup.fault_lr:g}; seed mean, centred 9-step mean")
+        ax.set_title(f"{title} (grey band), lr {setup.fault_lr:g}")
         ax.grid(True, alpha=0.3, lw=0.5)
     axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(
+        f"Fault run minus fault-free run, mean of {len(setup.seeds)} seed(s), centred 9-step mean\n"
+        "(it spreads each event 4 steps either way, so curves move just before a fault)"
+    )
     fig.savefig(path, dpi=110)
 
 
@@ -908,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ),
     )
     _, params0 = init_params(setup, setup.seeds[0])
-    labels, _ = group_index(params0)
+    labels, _ = groups_of(params0)
     if setup.fault_group not in labels:
         raise SystemExit(f"--fault-group {setup.fault_group!r} is not a group; groups: {labels}")
     data = make_data(corpus, setup)
@@ -947,7 +942,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 ],
                 "train_loss": [round(float(x), 5) for x in r["loss"][i]],
                 **(
-                    {"factors": np.round(factors(r["before"][i], r["after"][i]), 6).tolist()}
+                    {"factors": np.round(group_factors(r["before"][i], r["after"][i]), 6).tolist()}
                     if run.kind != "sweep" or run.lr == setup.fault_lr
                     else {}
                 ),

@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,6 +45,9 @@ from flax import nnx
 
 import aggc_optax
 from aggc_optax.cli import add_aggc_arguments, aggc_from_args
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from progress import Progress
 
 # ---------------------------------------------------------------------------
 # Data: arithmetic word problems, character level.
@@ -250,7 +254,7 @@ def build_adamw(args: argparse.Namespace) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------
 
 
-def _group_ids(params: Any, labels: Sequence[str]) -> list[int]:
+def group_ids(params: Any, labels: Sequence[str]) -> list[int]:
     """Per leaf (flattening order), the index of its group in ``labels``, or -1."""
     info = aggc_optax.describe_groups(params)
     group_of = {
@@ -262,7 +266,12 @@ def _group_ids(params: Any, labels: Sequence[str]) -> list[int]:
     return [group_of.get(name, -1) for name in names]
 
 
-def _group_norms(tree: Any, group_ids: Sequence[int], num_groups: int) -> jax.Array:
+def group_factors(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """The factor each group's gradient norm was multiplied by (1 where the norm is 0)."""
+    return np.where(before > 0, after / np.where(before > 0, before, 1.0), 1.0)
+
+
+def group_norms(tree: Any, group_ids: Sequence[int], num_groups: int) -> jax.Array:
     squares, ids = [], []
     for leaf, gid in zip(jax.tree_util.tree_leaves(tree), group_ids):
         if gid >= 0:
@@ -299,8 +308,8 @@ def make_train_step(
         clipped, clip_state = clipper.update(grads, opt_state[0], params)
         updates, adam_state = adamw.update(clipped, opt_state[1], params)
         params = optax.apply_updates(params, updates)
-        before = _group_norms(grads, group_ids, num_groups)
-        after = _group_norms(clipped, group_ids, num_groups)
+        before = group_norms(grads, group_ids, num_groups)
+        after = group_norms(clipped, group_ids, num_groups)
         return params, (clip_state, adam_state), loss, before, after
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -343,32 +352,6 @@ def parse_fault_steps(text: str, total_steps: int) -> tuple[int, int] | None:
     return start, min(end, total_steps)
 
 
-def _progress(total: int, quiet: bool) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # the examples extra installs tqdm; fall back to plain prints
-        tqdm = None
-    if tqdm is not None and not quiet:
-        return tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
-
-    class _Plain:
-        def __init__(self) -> None:
-            self.n = 0
-
-        def update(self, k: int) -> None:
-            self.n += k
-            if not quiet and (self.n % max(1, total // 10) == 0 or self.n == total):
-                print(f"step {self.n}/{total}", flush=True)
-
-        def set_postfix_str(self, s: str) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
-    return _Plain()
-
-
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the three optimizers side by side; return everything the reports need."""
     cfg = ModelConfig(
@@ -380,10 +363,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     info = aggc_optax.describe_groups(params0)
     labels = list(info["groups"])
-    group_ids = _group_ids(params0, labels)
+    leaf_groups = group_ids(params0, labels)
     if args.fault_group not in ("none", *labels):
         raise SystemExit(f"--fault-group {args.fault_group!r} is not a group; groups: {labels}")
-    fault_leaves = [gid >= 0 and labels[gid] == args.fault_group for gid in group_ids]
+    fault_leaves = [gid >= 0 and labels[gid] == args.fault_group for gid in leaf_groups]
     window = parse_fault_steps(args.fault_steps, args.steps) if args.fault_group != "none" else None
 
     corpus, _ = make_corpus(args.problems, seed=args.seed)
@@ -405,7 +388,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         runs[name] = {
             "params": params,
             "opt_state": opt_state,
-            "step": make_train_step(graphdef, clipper, adamw, group_ids, len(labels), fault_leaves),
+            "step": make_train_step(
+                graphdef, clipper, adamw, leaf_groups, len(labels), fault_leaves
+            ),
             "loss": [],
             "before": [],
             "after": [],
@@ -415,7 +400,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     logger = aggc_optax.CSVLogger(os.path.join(args.out, "per_module_clip.csv"))
     eval_every = max(1, args.steps // 20)
-    bar = _progress(args.steps, args.quiet)
+    bar = Progress(args.steps, "training", quiet=args.quiet)
     start_time = time.perf_counter()
     for step in range(args.steps):
         tokens = jnp.asarray(
@@ -434,11 +419,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 logger.log(run["opt_state"], step)
             if (step + 1) % eval_every == 0 or step + 1 == args.steps:
                 run["eval"].append((step, *evaluate(run["params"], eval_tokens, eval_mask)))
-        bar.update(1)
+        status = ""
         if (step + 1) % 10 == 0 or step + 1 == args.steps:
-            bar.set_postfix_str(
-                " ".join(f"{name}={float(run['loss'][-1]):.3f}" for name, run in runs.items())
-            )
+            status = " ".join(f"{name}={float(run['loss'][-1]):.3f}" for name, run in runs.items())
+        bar.update(1, status)
     bar.close()
     logger.close()
     seconds = time.perf_counter() - start_time
@@ -578,7 +562,7 @@ def plot_clip_scales(out: dict[str, Any], path: str, fault_text: str) -> None:
         for run in ("global_clip", "aggc"):
             r = out["results"][run]
             before, after = r["before"][:, j], r["after"][:, j]
-            scale = np.where(before > 0, after / np.where(before > 0, before, 1), 1.0)
+            scale = group_factors(before, after)
             ax.plot(scale, color=RUN_COLORS[run], lw=1.1, label=RUN_TITLES[run])
         _shade(ax, out["window"])
         ax.set_yscale("log")
@@ -603,7 +587,7 @@ def fault_factors(out: dict[str, Any], run: str) -> tuple[float, float]:
     labels, (start, end) = out["labels"], out["window"]
     r = out["results"][run]
     before, after = r["before"][start:end], r["after"][start:end]
-    scale = np.where(before > 0, after / np.where(before > 0, before, 1.0), 1.0)
+    scale = group_factors(before, after)
     j = labels.index(out["fault_group"])
     others = np.delete(scale, j, axis=1)
     return float(scale[:, j].min()), float(others.min()) if others.size else 1.0
