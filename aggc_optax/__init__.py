@@ -16,6 +16,7 @@ from aggc_optax._labels import (
     regex_labeler,
     tree_labeler,
 )
+from aggc_optax._metrics import metrics
 from aggc_optax._module_labels import module_labels
 from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
 from aggc_optax._scale_only import ScaleOnly
@@ -41,6 +42,7 @@ __all__ = [
     "group_stats",
     "linear_bounds_schedule",
     "lora_label",
+    "metrics",
     "module_labels",
     "path_name",
     "presets",
