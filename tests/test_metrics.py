@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import jax
@@ -176,3 +177,59 @@ def test_cached_search_reads_the_new_state():
     assert aggc_optax.metrics(first)["aggc/v_proj/norm"] == pytest.approx(2.0)
     assert aggc_optax.metrics(second)["aggc/v_proj/norm"] == pytest.approx(1.0)
     assert float(aggc_optax.group_stats(first)["v_proj"]["norm"]) == pytest.approx(2.0)
+
+
+def _read_events(path) -> list:
+    """The events of a TensorBoard event file, from its TFRecord framing.
+
+    Each record: an 8-byte little-endian length, a 4-byte CRC of it, the data,
+    a 4-byte CRC of the data (CRCs not checked here; the parse would fail).
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            f.read(4)
+            events.append(event_pb2.Event.FromString(data))
+    return events
+
+
+def test_tensorboard_example_writes_the_scalars(tmp_path):
+    pytest.importorskip("tensorboardX")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import tensorboard_logging
+
+    logged = tensorboard_logging.main(
+        ["--logdir", str(tmp_path), "--steps", "6", "--spike-step", "4"]
+    )
+    (event_file,) = tmp_path.iterdir()
+    found: dict[int, dict[str, float]] = {}
+    for event in _read_events(event_file):
+        for value in event.summary.value:
+            found.setdefault(event.step, {})[value.tag] = value.simple_value
+    assert sorted(found) == list(range(6))
+    for step, scalars in found.items():
+        # TensorBoard tags allow [-/\w.]: tensorboardX writes module_labels'
+        # "layers.*.up_proj" as "layers._.up_proj"
+        want = {re.sub(r"[^-/\w.]", "_", k): v for k, v in logged[step].items()}
+        assert set(scalars) == set(want)
+        for tag, value in scalars.items():
+            assert value == pytest.approx(want[tag], rel=1e-6, abs=1e-30), tag
+    labels = {k.split("/")[1] for k in found[0] if k.count("/") == 2}
+    assert labels == {"layers._.up_proj", "layers._.down_proj", "lm_head"}
+    # the file's own numbers hang together: the global norm from its group norms,
+    # and the x100 targets of step 4 clipped every group
+    norms = [v for k, v in found[4].items() if k.endswith("/norm")]
+    assert found[4]["aggc/global_norm_before"] == pytest.approx(
+        math.sqrt(sum(n * n for n in norms)), rel=1e-5
+    )
+    assert found[4]["aggc/fraction_clipped"] == 1.0
+    assert found[0]["aggc/fraction_clipped"] == 0.0  # the first step sets the EMAs
