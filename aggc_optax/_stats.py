@@ -142,8 +142,7 @@ def _raw(x: Any) -> Any:
 def cached_states(opt_state: Any) -> list[AGGCState]:
     """:func:`find_aggc_states` (no ``labels``), with the search cached per tree structure."""
     leaves, treedef = jax.tree_util.tree_flatten(opt_state)
-    plan = _PLANS.get(treedef, False)
-    if plan is False:
+    if treedef not in _PLANS:
         states = find_aggc_states(opt_state)
         where = {id(leaf): i for i, leaf in enumerate(leaves)}
         found: list[tuple[GroupLabels, dict[str, int]]] | None = []
@@ -155,8 +154,9 @@ def cached_states(opt_state: Any) -> list[AGGCState]:
             found.append((state.labels, {f: int(i) for f, i in idx.items() if i is not None}))
         if len(_PLANS) > 64:
             _PLANS.clear()
-        _PLANS[treedef] = plan = found
+        _PLANS[treedef] = found
         return states
+    plan = _PLANS[treedef]
     if plan is None:
         return find_aggc_states(opt_state)
     return [

@@ -434,7 +434,7 @@ def run_reference(
                 p.grad = None
             targets = {n: torch.as_tensor(g, device=torch_device) for n, g in grads.items()}
             loss = sum((params[n] * targets[n]).sum() for n in params)
-            loss.backward()
+            loss.backward()  # type: ignore[union-attr]  # a sum over a non-empty dict is a Tensor
             report = clipper.on_before_optimizer_step(step=t)
             run.stats.append(
                 {
@@ -446,7 +446,7 @@ def run_reference(
                 }
             )
             run.branches.append(dict(clipper._last_branches))
-            run.grads.append({n: p.grad.detach().cpu().numpy().copy() for n, p in params.items()})
+            run.grads.append({n: p.grad.detach().cpu().numpy().copy() for n, p in params.items()})  # type: ignore[union-attr]  # backward() set every grad
             clipper.on_step_end(t)
     finally:
         clipper.close()
@@ -607,7 +607,7 @@ def compare_runs(
             f"groups differ: reference {list(reference.labels)}, jax {list(other.labels)}"
         )
     labels = [k for k in reference.labels if k in other.labels]
-    mismatches, counts = [], collections.Counter()
+    mismatches, counts = [], collections.Counter[str]()
     nonfinite = 0
 
     def note(quantity: str, diff: np.ndarray, step: int, where: str) -> None:
@@ -829,10 +829,10 @@ class _TorchLM(torch.nn.Module):
         self.lm_head = torch.nn.Linear(h, v, bias=False)
 
     def forward(self, tokens: torch.Tensor, weight: float) -> torch.Tensor:
-        x = self.model.embed_tokens(tokens[:, :-1])
-        for layer in self.model.layers:
+        x = self.model.embed_tokens(tokens[:, :-1])  # type: ignore[operator]  # submodules set on a bare Module
+        for layer in self.model.layers:  # type: ignore[union-attr]  # submodules set on a bare Module
             x = layer(x)
-        logits = self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))  # type: ignore[operator]  # submodules set on a bare Module
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         return loss * weight
 
@@ -1085,7 +1085,7 @@ def run_end_to_end(
             if not diff <= worst_param[0]:
                 worst_param = (diff if math.isfinite(diff) else math.inf, n)
     worst_stats = dict.fromkeys(_STATS, 0.0)
-    mismatches, branch_counts = [], collections.Counter()
+    mismatches, branch_counts = [], collections.Counter[str]()
     for t, (st, sj) in enumerate(zip(stats_t, stats_j)):
         for k in st:
             for f in _STATS:
@@ -1179,7 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"aggc_optax parity | torch {torch.__version__} | jax {jax.__version__} | "
         f"jax backend {jax.default_backend()} | jax statistics in "
-        f"{'float64 (--x64)' if args.x64 or jax.config.jax_enable_x64 else 'float32'}"
+        f"{'float64 (--x64)' if args.x64 or jax.config.jax_enable_x64 else 'float32'}"  # type: ignore[attr-defined]  # jax.config flags are set at run time
     )
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(0)} | jax {jax.devices('gpu')[0].device_kind}")

@@ -516,7 +516,7 @@ class PerModuleGradClipper:
             "grad_per_module.csv": [[step, k, norms[k]] for k in sorted(norms)],
             "grad_per_layer.csv": [[step, k, layer_norms[k]] for k in sorted(layer_norms)],
         }
-        directory = os.fspath(self.options.output_dir)
+        directory = os.fspath(self.options.output_dir)  # type: ignore[arg-type]  # output_dir is set on this path
         os.makedirs(directory, exist_ok=True)
         for filename, columns in CSV_FILES.items():
             if not rows[filename]:
