@@ -428,13 +428,18 @@ def load_upstream(path: str | os.PathLike[str]) -> TorchClipper:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--upstream: no file at {path!r} (give the path of grad_clip.py)")
-    spec = importlib.util.spec_from_file_location("aggc_optax_upstream_grad_clip", path)
+    # one module name per file, so two upstream files can be loaded side by side
+    name = f"aggc_optax_upstream_{abs(hash(os.path.realpath(path))):x}"
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"--upstream: {path!r} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
+    # registered while it runs: dataclasses look their module up in sys.modules
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as err:
+        del sys.modules[name]
         raise ImportError(f"--upstream: importing {path!r} failed: {err!r}") from err
     missing = []
     for name, methods in UPSTREAM_INTERFACE.items():
