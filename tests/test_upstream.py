@@ -118,10 +118,10 @@ def test_a_file_without_the_interface_is_a_clear_error(tmp_path, capsys):
         "class PerModuleGradNormOptions:\n    pass\n\n"
         "class PerModuleGradClipper:\n    def attach(self, model):\n        pass\n",
     )
-    with pytest.raises(ImportError, match="PerModuleGradClipper.on_before_optimizer_step"):
+    with pytest.raises(ImportError, match=r"PerModuleGradClipper\.on_before_optimizer_step"):
         parity.load_upstream(methods)
     broken = _write(tmp_path, "broken.py", "import a_module_that_does_not_exist\n")
-    with pytest.raises(ImportError, match="importing .* failed"):
+    with pytest.raises(ImportError, match=r"importing .* failed"):
         parity.load_upstream(broken)
     with pytest.raises(FileNotFoundError, match="no file"):
         parity.load_upstream(tmp_path / "missing.py")

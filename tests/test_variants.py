@@ -17,8 +17,7 @@ import optax
 import pytest
 
 from aggc_optax import aggc, from_reference_options, group_stats
-from tests.spec_model import aggc_options, spec_label
-from tests.spec_model import GroupModel
+from tests.spec_model import GroupModel, aggc_options, spec_label
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
