@@ -104,3 +104,83 @@ def test_bad_arguments_name_the_parameter() -> None:
     tx = aggc_optax.lora_callback_as_ran(optax.identity(), 2, 10, options={"enable": False})
     with pytest.raises(ValueError, match="enable"):
         tx.init({"a.q_proj.weight": jnp.ones(2)})
+
+
+# -- the numbers the docs give about the runs -------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = {
+    "1": "hf_ga1_recipe",
+    "2": "hf_ga2_recipe",
+    "4": "hf_ga4_recipe",
+    "as meant": "intended_ga1_recipe",
+}
+
+
+def _expected_row(key: str) -> list[str]:
+    data, arrays = _load(ROWS[key])
+    k = data["gradient_accumulation_steps"]
+    event = arrays["event"] == 1
+    steps = np.flatnonzero(event)
+    events, total, groups = int(event.sum()), len(event), arrays["branch"].shape[1]
+    clipped = f"{events} of {total}"
+    if events and np.array_equal(steps, np.arange(1, total, 2)):
+        clipped += " (every other step)"
+    micro = sorted(set(arrays["event_micro"][event].tolist()))
+    if not events:
+        when = "never"
+    elif micro == [k]:
+        when = "the last (the whole step)"
+    else:
+        per = {int(np.sum(arrays["event_micro"][event] == m)) for m in micro}
+        names = (
+            ", ".join(map(str, micro[:-1])) + " or " + str(micro[-1])
+            if len(micro) > 1
+            else str(micro[0])
+        )
+        when = f"{names} of {k}" + (
+            f" ({per.pop()} steps each)" if len(micro) > 1 and len(per) == 1 else ""
+        )
+    down = int(np.sum(arrays["branch"] == -1))
+    assert not np.any(arrays["branch"] == 1)  # the recipe never raises
+    checked = "none checked" if not events else f"{down} of {events * groups} checked"
+    script = os.path.basename(os.path.dirname(data["recipe_script"])).split("_")[0]
+    scripts = {"metamath": "metamath", "conveision": "conversation, code"}[script]
+    if key == "as meant":
+        scripts = ""
+    elif data["recipe_script_gradient_accumulation_steps"] != k:
+        scripts = "none"
+    return [key, scripts, clipped, when, checked]
+
+
+def _tables(text: str) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("| ") and line.endswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.parametrize(
+    "where", ["docs/differences.md", "docs/porting.md", "aggc_optax.presets.lora_sft"]
+)
+def test_the_docs_numbers_are_the_golden_datas(where: str) -> None:
+    if where.startswith("docs/"):
+        with open(os.path.join(REPO, where), encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = aggc_optax.presets.lora_sft.__doc__
+    rows = [r for r in _tables(text) if r[0] in ROWS]
+    assert [r[0] for r in rows] == list(ROWS), where
+    for row in rows:
+        assert row == _expected_row(row[0]), where
+    assert "with Hugging Face's accumulation that is the same gradient" not in text
+
+
+def test_at_accumulation_one_the_run_left_everything_untouched() -> None:
+    # what the docs say of k = 1 beyond the table: EMA 0, gradients as they came
+    data, arrays = _load("hf_ga1_recipe")
+    assert np.all(arrays["ema"] == 0)
+    for n in data["trainable_param_names"]:
+        np.testing.assert_array_equal(arrays[f"clipped_grad/{n}"], arrays[f"raw_grad/{n}"])

@@ -127,3 +127,20 @@ def test_a_file_without_the_interface_is_a_clear_error(tmp_path, capsys):
         parity.load_upstream(tmp_path / "missing.py")
     assert parity.main(["--config", "nan", "--upstream", bad]) == 2
     assert "does not have the interface" in capsys.readouterr().err
+
+
+def test_the_three_way_table_in_docs_parity_md_is_what_the_command_prints():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "parity.md").read_text(encoding="utf-8")
+    documented = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip().startswith(("bundled vs jax", "upstream vs"))
+    ]
+    upstream = parity.load_upstream(BUNDLED_FILE)
+    result = parity.run_parity("lora_sft", steps=parity.DEFAULT_STEPS, upstream=upstream)
+    printed = [
+        line.strip()
+        for line in result.upstream.table().splitlines()
+        if line.strip().startswith(("bundled vs jax", "upstream vs"))
+    ]
+    assert documented == printed
