@@ -251,11 +251,12 @@ def mirror_module(
     Lets a flat ``{name: array}`` tree (a JAX tree keyed by dotted names) be
     clipped by the reference: the submodules are plain ``torch.nn.Module``
     containers, created in the order the names first need them, and the
-    parameters are registered in the order given.
+    parameters are registered in the order given; ``named_parameters()``
+    yields them module by module, as torch does (the given order when the
+    names of each module are consecutive).
 
     Args:
-      names_shapes: ``{dotted name: shape}``, in the order ``named_parameters()``
-        should yield them.
+      names_shapes: ``{dotted name: shape}``.
       dtype: the parameters' dtype.
       device: where the parameters live (``None``: torch's default device).
       init: ``init(shape)`` gives each parameter's initial value (called in
@@ -282,12 +283,11 @@ def mirror_module(
         shape = tuple(shape)
         value = torch.zeros(shape) if init is None else init(shape)
         module.register_parameter(leaf, torch.nn.Parameter(value.to(dtype=dtype, device=device)))
-    got = [n for n, _ in root.named_parameters()]
-    if got != list(names_shapes):
-        # a name that is a prefix of another ("a.b" and "a.b.c") cannot be mirrored
+    got = {n for n, _ in root.named_parameters()}
+    if got != set(names_shapes):
         raise ValueError(
-            f"mirror_module: these names cannot all be parameters of one module: "
-            f"{sorted(set(got) ^ set(names_shapes)) or list(names_shapes)}"
+            "mirror_module: these names cannot all be parameters of one module: "
+            f"{sorted(got ^ set(names_shapes))}"
         )
     return root
 

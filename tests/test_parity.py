@@ -348,6 +348,15 @@ def _golden(config):
     return data, arrays, modules
 
 
+def _golden_run(config, runner):
+    # the authors' raw gradients through one side of the harness
+    data, arrays, modules = _golden(config)
+    names = data["param_names"]
+    trajectory = [{n: arrays[f"raw_grad/{n}"][t] for n in names} for t in range(data["num_steps"])]
+    run = runner(data["options"], trajectory, total_steps=data["on_train_begin_total_steps"])
+    return data, arrays, modules, run
+
+
 def _check_against_golden(run, arrays, modules, rtol):
     worst = 0.0
     for t in range(len(run.stats)):
@@ -364,12 +373,8 @@ def _check_against_golden(run, arrays, modules, rtol):
 
 @pytest.mark.parametrize("config", GOLDEN_CONFIGS)
 def test_the_bundled_reference_reproduces_the_authors_clipper(config):
-    data, arrays, modules = _golden(config)
+    data, arrays, modules, run = _golden_run(config, parity.run_reference)
     names = data["param_names"]
-    trajectory = [{n: arrays[f"raw_grad/{n}"][t] for n in names} for t in range(data["num_steps"])]
-    run = parity.run_reference(
-        data["options"], trajectory, total_steps=data["on_train_begin_total_steps"]
-    )
     assert list(run.labels) == modules
     _check_against_golden(run, arrays, modules, rtol=1e-12)
     for t, grads in enumerate(run.grads):
@@ -380,12 +385,8 @@ def test_the_bundled_reference_reproduces_the_authors_clipper(config):
 
 @pytest.mark.parametrize("config", GOLDEN_CONFIGS)
 def test_the_jax_port_reproduces_the_authors_clipper_in_float32(config):
-    data, arrays, modules = _golden(config)
+    data, arrays, modules, run = _golden_run(config, parity.run_jax)
     names = data["param_names"]
-    trajectory = [{n: arrays[f"raw_grad/{n}"][t] for n in names} for t in range(data["num_steps"])]
-    run = parity.run_jax(
-        data["options"], trajectory, total_steps=data["on_train_begin_total_steps"]
-    )
     assert set(run.labels) == set(modules)
     worst = _check_against_golden(run, arrays, modules, rtol=2e-6)
     assert worst > 0  # float32 against the reference's float64: a real comparison

@@ -32,7 +32,7 @@ from aggc_optax.torch_reference import (
     mirror_module,
     module_label,
 )
-from tests.spec_model import SPEC_LABEL_TABLE, reference_run, spec_multipliers
+from tests.spec_model import GRPO, LORA, SPEC_LABEL_TABLE, reference_run, spec_multipliers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -477,34 +477,9 @@ MODEL_NAMES = {
 MODEL_GROUPS = {"q_proj": 0, "down_proj": 1, "norm": 2, "lm_head": 3}
 
 MODEL_OPTIONS = {
-    "lora_sft": dict(
-        auto_bounds=True,
-        ema_beta=0.95,
-        low_mult=0.95,
-        high_mult=0.6,
-        min_norm=0.01,
-        bounds_schedule="linear",
-        low_mult_late=0.98,
-        high_mult_late=0.7,
-        bounds_switch_ratio=0.4,
-        bounds_transition_ratio=0.3,
-        max_up_scale=1.1,
-        max_down_scale=0.9,
-    ),
-    "grpo": dict(
-        auto_bounds=True,
-        ema_beta=0.99,
-        low_mult=0.98,
-        high_mult=0.7,
-        raise_small=True,
-        bounds_schedule="linear",
-        low_mult_late=0.98,
-        high_mult_late=0.999,
-        bounds_switch_ratio=0.6,
-        bounds_transition_ratio=0.2,
-        max_up_scale=1.1,
-        max_down_scale=0.9,
-    ),
+    # the recipes as the spec's table gives them (enable comes from clipper_for)
+    "lora_sft": {k: v for k, v in LORA.items() if k != "enable"},
+    "grpo": {k: v for k, v in GRPO.items() if k != "enable"},
     "plain": dict(auto_bounds=True, ema_beta=0.9, low_mult=0.5, high_mult=2.0, raise_small=True),
     "static": dict(auto_bounds=False, min_norm=0.05, max_norm=2.0, raise_small=True, ema_beta=0.7),
     "inverted_caps": dict(
