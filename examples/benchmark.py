@@ -431,20 +431,15 @@ def _paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
 def _torch_module(tensors: Sequence[tuple[str, tuple[int, ...]]], dtype: Any, device: Any) -> Any:
     import torch
 
-    root = torch.nn.Module()
+    from aggc_optax.torch_reference import mirror_module
+
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for name, shape in tensors:
-        *path, leaf = name.split(".")
-        mod = root
-        for part in path:
-            child = mod._modules.get(part)
-            if child is None:
-                child = torch.nn.Module()
-                mod.add_module(part, child)
-            mod = child
-        value = (0.02 * torch.randn(shape, generator=gen)).to(dtype=dtype, device=device)
-        mod.register_parameter(leaf, torch.nn.Parameter(value))
-    return root
+    return mirror_module(
+        dict(tensors),
+        dtype=dtype,
+        device=device,
+        init=lambda shape: 0.02 * torch.randn(shape, generator=gen),
+    )
 
 
 def run_torch(
