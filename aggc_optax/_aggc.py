@@ -278,7 +278,16 @@ def _per_group_scalars(values: jax.Array) -> list[jax.Array]:
 
 
 def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax.Array:
-    """Each group's norm, ``[G]``, from the leaves its norm counts."""
+    """Each group's norm, ``[G]``, from the leaves its norm counts.
+
+    Overflow-safe for finite input: a group whose plain sum of squares
+    overflowed (every entry finite, a float32 norm above about 1.8e19) gets
+    ``2**k * sqrt(sum((g * 2**-k)**2))`` instead (:func:`_rescued_norms`,
+    exact power-of-two arithmetic), computed under ``jax.lax.cond`` only on a
+    step where some group's sum is not finite: a normal step pays one scalar
+    test and keeps its bits. A NaN or inf entry makes both sums non-finite, so
+    the group's norm stays non-finite and the NaN policy applies.
+    """
     dtype = _stats_dtype()
     # Each group's sum of squares is a chain of scalar adds in leaf order, as
     # the reference accumulates its per-tensor sums in Python floats; no
@@ -293,12 +302,64 @@ def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax
     if config.axis_name is not None:
         total = _axis_reduce(config, total)
     norm = jnp.sqrt(total + NORM_FLOOR)
-    # A group whose float32 squares overflow (a norm above about 1.8e19, every
-    # entry finite) gets an inf norm and is handled by the non-finite policy.
-    # A scaled recomputation under lax.cond was tried: it made XLA materialise a
-    # gradient-sized buffer (10.1 MB for 29.4 MB of gradients in the benchmark),
-    # so it is left out until it can be done without one.
-    return norm
+    if config.nonfinite == "reference":
+        # the reference's float32 sums overflow to inf (docs/reference-behaviour.md §8)
+        return norm
+    counted = [leaf for leaf, c in zip(leaves, placement.counted) if c]
+    rescued = jax.lax.cond(
+        jnp.any(~jnp.isfinite(total)),
+        lambda xs: _rescued_norms(config, placement, xs),
+        lambda xs: jnp.full(norm.shape, jnp.nan, dtype),
+        counted,
+    )
+    return jnp.where(jnp.isfinite(total) | ~jnp.isfinite(rescued), norm, rescued)
+
+
+def _overflow_shift(dtype: Any) -> int:
+    """``k`` such that ``sum((x * 2**-k) ** 2)`` is finite for any finite ``x`` of ``dtype``.
+
+    Each scaled square is below ``2**(2 * maxexp - 2 * k)``; ``k = (maxexp +
+    64) / 2`` keeps a sum of ``2**63`` of them below ``2**(maxexp - 1)`` (96
+    for float32, 544 for float64). The entries whose scaled squares underflow
+    (float32: below ``2**33``) add at most ``n * 2**-62`` of a sum that
+    overflowed (above ``2**128``): negligible.
+    """
+    return (int(jnp.finfo(dtype).maxexp) + 64) // 2
+
+
+def _rescued_norms(config: Config, placement: Placement, counted: list[Any]) -> jax.Array:
+    """``2**k * sqrt(sum((g * 2**-k)**2))`` per group: the norms of an overflowing step.
+
+    Finite for any finite entries whose norm the stats dtype can hold; a NaN or
+    inf entry gives a non-finite sum, as in the plain norm.
+    """
+    dtype = _stats_dtype()
+    groups = [g for g, c in zip(placement.groups, placement.counted) if c]
+    parts: list[list[tuple[int, jax.Array]]] = [[] for _ in placement.labels]
+    for group, leaf in zip(groups, counted):
+        op_dtype = _compute_dtype(leaf.dtype)
+        shift = _overflow_shift(op_dtype)
+        # The factor passes through an optimization barrier with the leaf: as a
+        # bare constant, XLA:CPU would materialise its broadcast to the leaf's
+        # shape, a gradient-sized buffer shared by the leaves of that shape.
+        factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaf))
+        scaled = jnp.sum(jnp.square(leaf.astype(op_dtype) * factor)).astype(dtype)
+        parts[group].append((shift, scaled))
+    shifts = [max(k for k, _ in p) for p in parts]
+    totals = []
+    for shift, p in zip(shifts, parts):
+        acc = jnp.zeros((), dtype)
+        for k, part in p:
+            # to the group's common shift (only a mixed float32/float64 group
+            # differs): a power of two, exact
+            acc = acc + (part if k == shift else part * jnp.asarray(4.0 ** (k - shift), dtype))
+        totals.append(acc)
+    total = jnp.stack(totals)
+    if config.axis_name is not None:
+        total = _axis_reduce(config, total)
+    # A norm beyond the stats dtype's range (float32: 3.4e38) is inf: the group is
+    # then non-finite, as for an inf entry.
+    return jnp.sqrt(total) * jnp.asarray([2.0**k for k in shifts], dtype)
 
 
 def _axis_reduce(config: Config, total: jax.Array) -> jax.Array:
