@@ -5,7 +5,7 @@ Language Model Training", Findings of ACL 2026 (arXiv 2601.11864).
 """
 
 from aggc_optax import presets
-from aggc_optax._aggc import AGGCState, GroupLabels, aggc
+from aggc_optax._aggc import AGGCState, GroupLabels, aggc, check_state
 from aggc_optax._labels import (
     REFERENCE_TOKENS,
     TreeLabeler,
@@ -34,6 +34,7 @@ __all__ = [
     "ScaleOnly",
     "TreeLabeler",
     "aggc",
+    "check_state",
     "cosine_ramp",
     "describe_groups",
     "find_aggc_states",

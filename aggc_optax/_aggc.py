@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aggc_optax import _config, _labels
+from aggc_optax import _config, _labels, _validation
 from aggc_optax._config import Config, Hyper
 from aggc_optax._labels import ParamLabels, Placement
 
@@ -52,6 +53,10 @@ class AGGCState(NamedTuple):
         for a non-finite norm do not count).
       clip_down_count: how many steps each group was clipped down, in total.
       raise_count: how many steps each group was raised, in total.
+      label_digest: the CRC-32 of each group's label (int32), in the order of the
+        arrays: what a checkpoint stores of the labels, so that a restore into a
+        target whose groups come in another order is detected (see
+        :func:`check_state`).
       labels: the group labels, in group order (static, no arrays).
     """
 
@@ -65,6 +70,7 @@ class AGGCState(NamedTuple):
     ema_count: jax.Array
     clip_down_count: jax.Array
     raise_count: jax.Array
+    label_digest: jax.Array
     labels: GroupLabels
 
 
@@ -180,12 +186,21 @@ def _branches(
 
 
 def _group_step(
-    config: Config, hp: Hyper, one_minus_beta: jax.Array, norm: jax.Array, state: AGGCState
+    config: Config,
+    hp: Hyper,
+    one_minus_beta: jax.Array,
+    norm: jax.Array,
+    state: AGGCState,
+    in_order: bool | jax.Array = True,
 ) -> GroupStep:
-    """The per-group scalar math of docs/reference-behaviour.md §4, vectorised over groups."""
+    """The per-group scalar math of docs/reference-behaviour.md §4, vectorised over groups.
+
+    ``in_order``: whether the state's arrays are in its labels' order (False:
+    every group is skipped, under either policy; see :func:`check_state`).
+    """
     ema, residual, ema_count = state.ema, state.ema_residual, state.ema_count
     if config.nonfinite == "reference":
-        taken = jnp.ones(norm.shape, bool)
+        taken = jnp.broadcast_to(jnp.asarray(in_order), norm.shape)
     else:
         # The safe policy: a step with a non-finite norm, or with a hyperparameter
         # out of its range at run time (injected or from a schedule), is skipped for
@@ -196,6 +211,8 @@ def _group_step(
         # inputs of the EMA's TwoSum changes how XLA fuses it, and its bits.
         restart = ~(jnp.isfinite(ema) & jnp.isfinite(residual))
         taken = jnp.isfinite(norm) & _hyper_ok(config, hp, one_minus_beta) & ~restart
+        if in_order is not True:
+            taken = taken & in_order
     if config.ema_init == "first":
         first = (ema_count == 0) & taken
         ema, residual = jnp.where(first, norm, ema), jnp.where(first, 0.0, residual)
@@ -456,8 +473,124 @@ def _init_state(labels: tuple[str, ...]) -> AGGCState:
         ema_count=zeros(jnp.int32),
         clip_down_count=zeros(jnp.int32),
         raise_count=zeros(jnp.int32),
+        label_digest=jnp.asarray(label_digests(labels)),
         labels=GroupLabels(labels),
     )
+
+
+def label_digests(labels: tuple[str, ...]) -> np.ndarray:
+    """The CRC-32 of each label's UTF-8 bytes, as int32: what travels with the arrays."""
+    crcs = np.array([zlib.crc32(label.encode("utf-8")) for label in labels], np.uint32)
+    return crcs.view(np.int32)
+
+
+# The fields of an AGGCState with one entry per group, in group order.
+PER_GROUP_FIELDS = (
+    "ema",
+    "ema_residual",
+    "norm",
+    "lower",
+    "upper",
+    "scale",
+    "ema_count",
+    "clip_down_count",
+    "raise_count",
+    "label_digest",
+)
+
+
+def _order_error(saved: np.ndarray, labels: tuple[str, ...]) -> ValueError:
+    by_digest = dict(zip(label_digests(labels).tolist(), labels))
+    saved_order = [
+        by_digest.get(int(d), f"<a label not in this state, CRC-32 {int(d) & 0xFFFFFFFF:08x}>")
+        for d in saved.tolist()
+    ]
+    return ValueError(
+        "aggc: the state's arrays are in the group order "
+        f"{saved_order}, but its labels (those of the transformation) are {list(labels)}: "
+        "it was most likely restored from a checkpoint into a target whose groups come "
+        "in another order. Re-order it by label with aggc_optax.check_state(state, "
+        "reorder=True), or build the restore target from the same parameters and "
+        "param_labels as the saved state."
+    )
+
+
+def _state_in_order(state: AGGCState) -> bool | jax.Array:
+    """Whether the state's arrays are in its labels' order.
+
+    Concrete (an eager update): checked here, a mismatch raises. Traced (under
+    ``jax.jit``): a bool array, as nothing can be raised from compiled code;
+    the update then skips every group (see :func:`check_state`).
+    """
+    expected = label_digests(tuple(state.labels))
+    digest = state.label_digest
+    if np.shape(digest) != expected.shape:
+        raise ValueError(
+            f"aggc: the state's label_digest has shape {np.shape(digest)}, its labels "
+            f"{list(state.labels)} need {expected.shape}: the state was not built by "
+            "this transformation's init"
+        )
+    if _validation.is_traced(digest):
+        return jnp.all(digest == expected)
+    saved = np.asarray(digest)
+    if not np.array_equal(saved, expected):
+        raise _order_error(saved, tuple(state.labels))
+    return True
+
+
+def check_state(opt_state: Any, *, reorder: bool = False) -> Any:
+    """Checks (or re-orders) every AGGC state in ``opt_state`` after a restore.
+
+    A checkpoint (Orbax, ``flax.serialization``, pickle) stores an
+    :class:`AGGCState`'s arrays and, in ``label_digest``, the CRC-32 of each
+    group's label in the order of the arrays; its labels come back from the
+    restore target. When the target's groups come in another order (the same
+    labels, a leaf added earlier in the tree), each restored EMA would belong
+    to another group. An eager ``update`` raises on such a state; under
+    ``jax.jit`` the update cannot raise, so it skips every group (gradients
+    pass through, the EMAs are kept, ``count - ema_count`` grows). Call this
+    after every restore.
+
+    Args:
+      opt_state: any optax state (a restored one), holding AGGC states anywhere.
+      reorder: re-order the per-group arrays of a state whose groups are the
+        target's in another order, by label, instead of raising.
+
+    Returns:
+      ``opt_state`` (with the re-ordered AGGC states when ``reorder``).
+
+    Raises:
+      ValueError: a state's arrays are not in its labels' order (and
+        ``reorder`` is False, or its saved labels are not the target's).
+
+    Example:
+      >>> import jax.numpy as jnp, aggc_optax
+      >>> tx = aggc_optax.aggc(param_labels={"a": "a", "b": "b"})
+      >>> state = tx.init({"a": jnp.ones(2), "b": jnp.ones(2)})
+      >>> aggc_optax.check_state(state) is state
+      True
+    """
+
+    def fix(node: Any) -> Any:
+        if not isinstance(node, AGGCState):
+            return node
+        labels = tuple(node.labels)
+        expected = label_digests(labels)
+        saved = np.asarray(node.label_digest)
+        if saved.shape == expected.shape and np.array_equal(saved, expected):
+            return node
+        saved_list = saved.tolist()
+        permutation = (
+            saved.shape == expected.shape
+            and len(set(saved_list)) == len(saved_list)
+            and sorted(saved_list) == sorted(expected.tolist())
+        )
+        if not (reorder and permutation):
+            raise _order_error(saved, labels)
+        index = jnp.asarray([saved_list.index(d) for d in expected.tolist()])
+        return node._replace(**{f: jnp.take(getattr(node, f), index) for f in PER_GROUP_FIELDS})
+
+    return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, AGGCState))
 
 
 def _build(config: Config) -> optax.GradientTransformationExtraArgs:
@@ -494,6 +627,7 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
         placement = _labels.place(updates, config.param_labels)  # as optax.partition does
         _check_placement(placement, leaves, state.labels)
         count = optax.safe_increment(state.count)
+        in_order = _state_in_order(state)
         if not state.labels:
             return updates, state._replace(count=count)
         norm = _group_norms(config, placement, leaves)
@@ -502,7 +636,7 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
         # 1 - beta from the Python float: rounding beta = 0.999 to float32 first
         # would put a 1.3e-5 relative error into every EMA update.
         one_minus_beta = _at_step(per_group.ema_beta, state.count, norm.dtype, lambda b: 1 - b)
-        step = _group_step(config, hp, one_minus_beta, norm, state)
+        step = _group_step(config, hp, one_minus_beta, norm, state, in_order)
         new_state = AGGCState(
             count=count,
             ema=step.ema,
@@ -514,6 +648,7 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
             ema_count=step.ema_count,
             clip_down_count=state.clip_down_count + step.down.astype(jnp.int32),
             raise_count=state.raise_count + step.raised.astype(jnp.int32),
+            label_digest=state.label_digest,
             labels=state.labels,
         )
         return treedef.unflatten(_rescale(placement, leaves, step.scale)), new_state

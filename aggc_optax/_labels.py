@@ -99,6 +99,27 @@ def tree_labeler(fn: Callable[[Any], Any]) -> TreeLabeler:
     return TreeLabeler(fn)
 
 
+_STATIC_ARGS_HINT = (
+    "optax.inject_hyperparams calls every callable argument with the step count, as a "
+    "schedule: list the labeler in static_args, e.g. optax.inject_hyperparams(aggc_optax.aggc, "
+    'static_args=("param_labels",))(param_labels=...)'
+)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+def _name_type_error(fn: str, name: Any) -> TypeError:
+    """The error of a labeler given something other than a parameter name."""
+    if _is_array(name):
+        return TypeError(
+            f"{fn}: got an array ({type(name).__name__}) where a parameter name (a str) was "
+            f"expected. {_STATIC_ARGS_HINT}"
+        )
+    return TypeError(f"{fn}: name must be a str, got {type(name).__name__}")
+
+
 def _known_token(name: str) -> str | None:
     for token in REFERENCE_TOKENS:
         if (
@@ -134,7 +155,7 @@ def reference_label(name: str) -> str | None:
       True
     """
     if not isinstance(name, str):
-        raise TypeError(f"reference_label: name must be a str, got {type(name).__name__}")
+        raise _name_type_error("reference_label", name)
     token = _known_token(name)
     if token is not None:
         return token
@@ -188,7 +209,7 @@ def lora_label(name: str) -> str | ScaleOnly | None:
       True
     """
     if not isinstance(name, str):
-        raise TypeError(f"lora_label: name must be a str, got {type(name).__name__}")
+        raise _name_type_error("lora_label", name)
     if "lora_" not in name:
         return None
     parts = name.split(".")
@@ -235,6 +256,8 @@ def regex_labeler(
             raise ValueError(f"param_labels rule {i}: invalid pattern {pattern!r}: {err}") from err
 
     def label_fn(name: str) -> str | None:
+        if not isinstance(name, str):
+            raise _name_type_error("regex_labeler", name)
         for regex, label in compiled:
             match = regex.search(name)
             if match:
@@ -314,7 +337,17 @@ def check_param_labels(param_labels: ParamLabels) -> None:
     if param_labels is None or callable(param_labels):
         return
     if isinstance(param_labels, (str, ScaleOnly)):
-        raise TypeError(f"{_FORMS}; got the single label {param_labels!r}")
+        raise TypeError(
+            f"{_FORMS}; got the single label {param_labels!r} (if it came from "
+            "optax.inject_hyperparams, it is a labeler's output: optax.inject_hyperparams "
+            "calls every callable argument with the step count, as a schedule; list the "
+            'labeler in static_args=("param_labels",))'
+        )
+    if _is_array(param_labels):
+        raise TypeError(
+            f"{_FORMS}; got an array ({type(param_labels).__name__}), most likely a labeler's "
+            f"output. {_STATIC_ARGS_HINT}"
+        )
     for path, value in jax.tree_util.tree_flatten_with_path(param_labels, is_leaf=_is_label)[0]:
         if not _is_label(value):
             name = path_name(path)
