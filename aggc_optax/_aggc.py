@@ -92,12 +92,41 @@ def _stats_dtype() -> Any:
 
 def _compute_dtype(dtype: Any) -> Any:
     # Per-tensor sums and the rescale run in float32 for half-precision leaves
-    # (as torch does), in the leaf's own dtype for float32 and float64.
+    # (as torch does), in the leaf's own dtype for float32 and float64. float8
+    # types have no implicit promotion: they are computed in float32 too.
+    if jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _leaf_dtype(name: str, leaf: Any) -> Any:
+    """The dtype of a leaf, or a TypeError naming it when it is not an array or a number."""
+    if not isinstance(leaf, (str, bytes)):
+        try:
+            return jnp.result_type(leaf)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"aggc: leaf {name!r} is {leaf!r} ({type(leaf).__name__}), not an array or a number; "
+        "give it the label None to pass it through, or keep it out of the tree"
+    )
+
+
+def _as_array(leaf: Any) -> Any:
+    # a Python or NumPy scalar leaf (eager use) becomes an array; arrays and tracers stay
+    return leaf if hasattr(leaf, "astype") and hasattr(leaf, "dtype") else jnp.asarray(leaf)
+
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _saturating_add(counter: jax.Array, increment: jax.Array) -> jax.Array:
+    """``counter + increment`` that stays at int32's maximum instead of wrapping negative."""
+    return jnp.where(counter >= _INT32_MAX - increment, _INT32_MAX, counter + increment)
+
+
 def _check_leaf_dtype(name: str, leaf: Any) -> None:
-    dtype = jnp.result_type(leaf)
+    dtype = _leaf_dtype(name, leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"aggc: leaf {name!r} has a group label but dtype {dtype}; only floating-point "
@@ -241,7 +270,7 @@ def _group_step(
         # The reference feeds the EMA the intended post-clip norm.
         fed = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm * scale)
         stepped = tuple(jnp.where(taken, new, old) for new, old in zip(fed, (ema, residual)))
-    ema_count = ema_count + taken.astype(state.ema_count.dtype)
+    ema_count = _saturating_add(ema_count, taken.astype(state.ema_count.dtype))
     if config.nonfinite != "reference":
         stepped = tuple(jnp.where(restart, jnp.zeros_like(x), x) for x in stepped)
         ema_count = jnp.where(restart, 0, ema_count)
@@ -264,8 +293,9 @@ def _hyper_ok(config: Config, hp: Hyper, one_minus_beta: jax.Array) -> jax.Array
         ok = ok & finite_nonneg(x)
     ok = ok & finite_nonneg(hp.max_up_scale) & finite_nonneg(hp.max_down_scale)
     if config.strict_caps:
-        # aggc()'s caps: 0 (off), an upward ceiling >= 1, a downward floor in (0, 1]
-        ok = ok & ((hp.max_up_scale == 0) | (hp.max_up_scale >= 1)) & (hp.max_down_scale <= 1)
+        # aggc()'s caps: 0 (off), an upward ceiling >= 1, a downward floor in (0, 1)
+        # (a floor of 1 would count clips that change nothing)
+        ok = ok & ((hp.max_up_scale == 0) | (hp.max_up_scale >= 1)) & (hp.max_down_scale < 1)
     return ok
 
 
@@ -381,7 +411,31 @@ def _rescued_norms(config: Config, placement: Placement, counted: list[Any]) -> 
 
 def _axis_reduce(config: Config, total: jax.Array) -> jax.Array:
     reduce = jax.lax.psum if config.axis_reduction == "sum" else jax.lax.pmean
-    return reduce(total, config.axis_name)
+    try:
+        return reduce(total, config.axis_name)
+    except (NameError, AssertionError, KeyError) as err:
+        # JAX says "unbound axis name" outside shard_map/pmap, and raises a bare
+        # AssertionError for a name the enclosing shard_map's mesh does not have
+        raise ValueError(
+            f"aggc: axis_name={config.axis_name!r} is not an axis of the enclosing "
+            "jax.shard_map or jax.pmap: call update inside one that maps this axis name "
+            "(e.g. shard_map over a mesh with that axis), or drop axis_name under plain "
+            "jax.jit, where sharded norms are already global"
+        ) from err
+
+
+def _not_an_aggc_state(state: Any) -> TypeError:
+    found = (
+        [i for i, part in enumerate(state) if isinstance(part, AGGCState)]
+        if isinstance(state, tuple)
+        else []
+    )
+    where = f" (it holds one at index {found[0]})" if found else ""
+    return TypeError(
+        f"aggc: update expects this transformation's own AGGCState, got a "
+        f"{type(state).__name__}{where}: pass the aggc part of the state (e.g. state[0] "
+        "of optax.chain(aggc(), ...)), or call the update of the whole optax.chain"
+    )
 
 
 def _rescale(placement: Placement, leaves: list[Any], scale: jax.Array) -> list[Any]:
@@ -412,6 +466,13 @@ def _check_placement(placement: Placement, leaves: list[Any], labels: tuple[str,
         )
 
 
+def _is_float_leaf(leaf: Any) -> bool:
+    try:
+        return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    except TypeError:  # a str or other non-array leaf left out of every group
+        return False
+
+
 def _warn_unlabelled(config: Config, params: Any, placement: Placement) -> None:
     """Under the default rule, say how much of the model is left out of every group."""
     if config.param_labels is not None or config.unlabelled == "ignore":
@@ -421,7 +482,7 @@ def _warn_unlabelled(config: Config, params: Any, placement: Placement) -> None:
     left_out = [
         (name, size)
         for name, group, leaf, size in zip(placement.names, placement.groups, leaves, sizes)
-        if group < 0 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+        if group < 0 and _is_float_leaf(leaf)
     ]
     if not left_out or not placement.labels:
         return
@@ -623,9 +684,12 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
         updates: optax.Updates, state: AGGCState, params: optax.Params | None = None, **extra: Any
     ) -> tuple[optax.Updates, AGGCState]:
         del params, extra
+        if not isinstance(state, AGGCState):
+            raise _not_an_aggc_state(state)
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         placement = _labels.place(updates, config.param_labels)  # as optax.partition does
         _check_placement(placement, leaves, state.labels)
+        leaves = [_as_array(x) if g >= 0 else x for x, g in zip(leaves, placement.groups)]
         count = optax.safe_increment(state.count)
         in_order = _state_in_order(state)
         if not state.labels:
@@ -646,8 +710,8 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
             upper=step.upper,
             scale=step.scale,
             ema_count=step.ema_count,
-            clip_down_count=state.clip_down_count + step.down.astype(jnp.int32),
-            raise_count=state.raise_count + step.raised.astype(jnp.int32),
+            clip_down_count=_saturating_add(state.clip_down_count, step.down.astype(jnp.int32)),
+            raise_count=_saturating_add(state.raise_count, step.raised.astype(jnp.int32)),
             label_digest=state.label_digest,
             labels=state.labels,
         )
@@ -729,7 +793,8 @@ def aggc(
       min_norm: floor of the lower bound (the whole lower bound without
         ``auto_bounds``); giving it turns on raising.
       max_up_scale: a ceiling (``>= 1``) on an upward scale; only with raising.
-      max_down_scale: a floor (in ``(0, 1]``) on a downward scale.
+      max_down_scale: a floor (in ``(0, 1)``) on a downward scale (1 would
+        never clip, so it is refused).
       auto_bounds: bounds from the EMA (``True``) or fixed ``[min_norm, max_norm]``.
       max_norm: the fixed upper bound; required with ``auto_bounds=False`` and
         rejected otherwise.
@@ -746,7 +811,8 @@ def aggc(
         for any of ``ema_beta, low_mult, high_mult, min_norm, max_norm,
         max_up_scale, max_down_scale``, with the meanings above (``None`` is
         "not given"). An exact label wins over patterns; among patterns
-        (matched in full) the first wins; fields not given take the arguments
+        (matched in full) the first wins; a key that is not a valid pattern
+        (``"a[b"``) is an exact label only; fields not given take the arguments
         above. A key matching no group warns at ``init``.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over
         which the per-group sums of squares are summed, so the norms are those

@@ -243,8 +243,9 @@ def regex_labeler(
     """
     compiled = []
     for i, rule in enumerate(rules):
-        if not (isinstance(rule, tuple) and len(rule) == 2):
-            raise TypeError(f"param_labels rule {i} must be a (pattern, label) tuple, got {rule!r}")
+        # a list pair too: rules read from JSON or YAML come as lists
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise TypeError(f"param_labels rule {i} must be a (pattern, label) pair, got {rule!r}")
         pattern, label = rule
         if not isinstance(pattern, str) or not (label is None or isinstance(label, str)):
             raise TypeError(
@@ -365,15 +366,15 @@ def _check_label(value: Any, name: str, source: str) -> Any:
 
 
 def _mismatch(labels_tree: Any, detail: str) -> ValueError:
-    hint = ""
     if _looks_like_rules(labels_tree):
-        hint = (
-            " It looks like a list of (regex, label) rules: a bare list or tuple is always read "
-            "as a label tree; pass rules as param_labels=aggc_optax.regex_labeler(rules)."
+        # rules as lists (from JSON or YAML): say what they are first
+        return ValueError(
+            f"param_labels: {labels_tree!r} looks like a list of (regex, label) rules, but a "
+            "bare list or tuple is read as a label tree; pass rules as "
+            "param_labels=aggc_optax.regex_labeler(rules) (lists of two are accepted). As a "
+            f"label tree it does not match the parameters: {detail}."
         )
-    return ValueError(
-        f"param_labels: the label tree does not match the parameters: {detail}.{hint}"
-    )
+    return ValueError(f"param_labels: the label tree does not match the parameters: {detail}.")
 
 
 def _labels_from_tree(labels_tree: Any, names: list[str], params: Any) -> list[Any]:
@@ -390,6 +391,12 @@ def _labels_from_tree(labels_tree: Any, names: list[str], params: Any) -> list[A
     # errors that name the first leaf that differs.
     flat = jax.tree_util.tree_flatten_with_path(labels_tree, is_leaf=_is_label)[0]
     label_names = [path_name(p) for p, _ in flat]
+    if len(label_names) != len(names):
+        # labels given for the parameters' None nodes (no array there): ignored
+        with_none = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
+        if [path_name(p) for p, _ in with_none] == label_names:
+            flat = [f for f, (_, leaf) in zip(flat, with_none) if leaf is not None]
+            label_names = [path_name(p) for p, _ in flat]
     for i, (a, b) in enumerate(zip(names, label_names)):
         if a != b:
             raise _mismatch(
@@ -406,6 +413,17 @@ def _labels_from_tree(labels_tree: Any, names: list[str], params: Any) -> list[A
             f"unmatched path is {first!r} (only in the {what})",
         )
     return [_check_label(v, n, "label tree") for (_, v), n in zip(flat, names)]
+
+
+def _labeler_error(err: Exception, name: str) -> Exception:
+    """The labeler's own exception, of its own type where possible, naming the leaf."""
+    message = f"param_labels: the labeler raised {type(err).__name__} for leaf {name!r}: {err}"
+    try:
+        new = type(err)(message)
+    except Exception:  # an exception type whose constructor wants other arguments
+        err.add_note(f"(raised by the param_labels labeler for leaf {name!r})")
+        return err
+    return new
 
 
 def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str], list[Any]]:
@@ -437,7 +455,10 @@ def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str
         arity = _labeler_arity(param_labels)
         out = []
         for n, (_, leaf) in zip(names, flat):
-            value = param_labels(n) if arity == 1 else param_labels(n, leaf)
+            try:
+                value = param_labels(n) if arity == 1 else param_labels(n, leaf)
+            except Exception as err:
+                raise _labeler_error(err, n) from err
             out.append(_check_label(value, n, "labeler"))
         return names, out
     return names, _labels_from_tree(param_labels, names, params)
