@@ -5,7 +5,7 @@ Language Model Training", Findings of ACL 2026 (arXiv 2601.11864).
 """
 
 from aggc_optax import presets
-from aggc_optax._aggc import AGGCState, GroupLabels, aggc
+from aggc_optax._aggc import AGGCState, GroupLabels, aggc, check_state
 from aggc_optax._hf_callback import LoraCallbackAsRanState, lora_callback_as_ran
 from aggc_optax._labels import (
     REFERENCE_TOKENS,
@@ -37,6 +37,7 @@ __all__ = [
     "ScaleOnly",
     "TreeLabeler",
     "aggc",
+    "check_state",
     "cosine_ramp",
     "describe_groups",
     "find_aggc_states",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aggc_optax import _config, _labels
+from aggc_optax import _config, _labels, _validation
 from aggc_optax._config import Config, Hyper
 from aggc_optax._labels import ParamLabels, Placement
 
@@ -52,6 +53,10 @@ class AGGCState(NamedTuple):
         for a non-finite norm do not count).
       clip_down_count: how many steps each group was clipped down, in total.
       raise_count: how many steps each group was raised, in total.
+      label_digest: the CRC-32 of each group's label (int32), in the order of the
+        arrays: what a checkpoint stores of the labels, so that a restore into a
+        target whose groups come in another order is detected (see
+        :func:`check_state`).
       labels: the group labels, in group order (static, no arrays).
     """
 
@@ -65,6 +70,7 @@ class AGGCState(NamedTuple):
     ema_count: jax.Array
     clip_down_count: jax.Array
     raise_count: jax.Array
+    label_digest: jax.Array
     labels: GroupLabels
 
 
@@ -86,12 +92,41 @@ def _stats_dtype() -> Any:
 
 def _compute_dtype(dtype: Any) -> Any:
     # Per-tensor sums and the rescale run in float32 for half-precision leaves
-    # (as torch does), in the leaf's own dtype for float32 and float64.
+    # (as torch does), in the leaf's own dtype for float32 and float64. float8
+    # types have no implicit promotion: they are computed in float32 too.
+    if jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _leaf_dtype(name: str, leaf: Any) -> Any:
+    """The dtype of a leaf, or a TypeError naming it when it is not an array or a number."""
+    if not isinstance(leaf, (str, bytes)):
+        try:
+            return jnp.result_type(leaf)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"aggc: leaf {name!r} is {leaf!r} ({type(leaf).__name__}), not an array or a number; "
+        "give it the label None to pass it through, or keep it out of the tree"
+    )
+
+
+def _as_array(leaf: Any) -> Any:
+    # a Python or NumPy scalar leaf (eager use) becomes an array; arrays and tracers stay
+    return leaf if hasattr(leaf, "astype") and hasattr(leaf, "dtype") else jnp.asarray(leaf)
+
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _saturating_add(counter: jax.Array, increment: jax.Array) -> jax.Array:
+    """``counter + increment`` that stays at int32's maximum instead of wrapping negative."""
+    return jnp.where(counter >= _INT32_MAX - increment, _INT32_MAX, counter + increment)
+
+
 def _check_leaf_dtype(name: str, leaf: Any) -> None:
-    dtype = jnp.result_type(leaf)
+    dtype = _leaf_dtype(name, leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"aggc: leaf {name!r} has a group label but dtype {dtype}; only floating-point "
@@ -180,12 +215,21 @@ def _branches(
 
 
 def _group_step(
-    config: Config, hp: Hyper, one_minus_beta: jax.Array, norm: jax.Array, state: AGGCState
+    config: Config,
+    hp: Hyper,
+    one_minus_beta: jax.Array,
+    norm: jax.Array,
+    state: AGGCState,
+    in_order: bool | jax.Array = True,
 ) -> GroupStep:
-    """The per-group scalar math of docs/reference-behaviour.md §4, vectorised over groups."""
+    """The per-group scalar math of docs/reference-behaviour.md §4, vectorised over groups.
+
+    ``in_order``: whether the state's arrays are in its labels' order (False:
+    every group is skipped, under either policy; see :func:`check_state`).
+    """
     ema, residual, ema_count = state.ema, state.ema_residual, state.ema_count
     if config.nonfinite == "reference":
-        taken = jnp.ones(norm.shape, bool)
+        taken = jnp.broadcast_to(jnp.asarray(in_order), norm.shape)
     else:
         # The safe policy: a step with a non-finite norm, or with a hyperparameter
         # out of its range at run time (injected or from a schedule), is skipped for
@@ -196,6 +240,8 @@ def _group_step(
         # inputs of the EMA's TwoSum changes how XLA fuses it, and its bits.
         restart = ~(jnp.isfinite(ema) & jnp.isfinite(residual))
         taken = jnp.isfinite(norm) & _hyper_ok(config, hp, one_minus_beta) & ~restart
+        if in_order is not True:
+            taken = taken & in_order
     if config.ema_init == "first":
         first = (ema_count == 0) & taken
         ema, residual = jnp.where(first, norm, ema), jnp.where(first, 0.0, residual)
@@ -224,7 +270,7 @@ def _group_step(
         # The reference feeds the EMA the intended post-clip norm.
         fed = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm * scale)
         stepped = tuple(jnp.where(taken, new, old) for new, old in zip(fed, (ema, residual)))  # type: ignore[assignment]  # two arrays in, two out
-    ema_count = ema_count + taken.astype(state.ema_count.dtype)
+    ema_count = _saturating_add(ema_count, taken.astype(state.ema_count.dtype))
     if config.nonfinite != "reference":
         stepped = tuple(jnp.where(restart, jnp.zeros_like(x), x) for x in stepped)  # type: ignore[assignment]  # two arrays in, two out
         ema_count = jnp.where(restart, 0, ema_count)
@@ -247,8 +293,9 @@ def _hyper_ok(config: Config, hp: Hyper, one_minus_beta: jax.Array) -> jax.Array
         ok = ok & finite_nonneg(x)
     ok = ok & finite_nonneg(hp.max_up_scale) & finite_nonneg(hp.max_down_scale)
     if config.strict_caps:
-        # aggc()'s caps: 0 (off), an upward ceiling >= 1, a downward floor in (0, 1]
-        ok = ok & ((hp.max_up_scale == 0) | (hp.max_up_scale >= 1)) & (hp.max_down_scale <= 1)
+        # aggc()'s caps: 0 (off), an upward ceiling >= 1, a downward floor in (0, 1)
+        # (a floor of 1 would count clips that change nothing)
+        ok = ok & ((hp.max_up_scale == 0) | (hp.max_up_scale >= 1)) & (hp.max_down_scale < 1)
     return ok
 
 
@@ -278,7 +325,16 @@ def _per_group_scalars(values: jax.Array) -> list[jax.Array]:
 
 
 def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax.Array:
-    """Each group's norm, ``[G]``, from the leaves its norm counts."""
+    """Each group's norm, ``[G]``, from the leaves its norm counts.
+
+    Overflow-safe for finite input: a group whose plain sum of squares
+    overflowed (every entry finite, a float32 norm above about 1.8e19) gets
+    ``2**k * sqrt(sum((g * 2**-k)**2))`` instead (:func:`_rescued_norms`,
+    exact power-of-two arithmetic), computed under ``jax.lax.cond`` only on a
+    step where some group's sum is not finite: a normal step pays one scalar
+    test and keeps its bits. A NaN or inf entry makes both sums non-finite, so
+    the group's norm stays non-finite and the NaN policy applies.
+    """
     dtype = _stats_dtype()
     # Each group's sum of squares is a chain of scalar adds in leaf order, as
     # the reference accumulates its per-tensor sums in Python floats; no
@@ -293,17 +349,93 @@ def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax
     if config.axis_name is not None:
         total = _axis_reduce(config, total)
     norm = jnp.sqrt(total + NORM_FLOOR)
-    # A group whose float32 squares overflow (a norm above about 1.8e19, every
-    # entry finite) gets an inf norm and is handled by the non-finite policy.
-    # A scaled recomputation under lax.cond was tried: it made XLA materialise a
-    # gradient-sized buffer (10.1 MB for 29.4 MB of gradients in the benchmark),
-    # so it is left out until it can be done without one.
-    return norm
+    if config.nonfinite == "reference":
+        # the reference's float32 sums overflow to inf (docs/reference-behaviour.md §8)
+        return norm
+    counted = [leaf for leaf, c in zip(leaves, placement.counted) if c]
+    rescued = jax.lax.cond(
+        jnp.any(~jnp.isfinite(total)),
+        lambda xs: _rescued_norms(config, placement, xs),
+        lambda xs: jnp.full(norm.shape, jnp.nan, dtype),
+        counted,
+    )
+    return jnp.where(jnp.isfinite(total) | ~jnp.isfinite(rescued), norm, rescued)
+
+
+def _overflow_shift(dtype: Any) -> int:
+    """``k`` such that ``sum((x * 2**-k) ** 2)`` is finite for any finite ``x`` of ``dtype``.
+
+    Each scaled square is below ``2**(2 * maxexp - 2 * k)``; ``k = (maxexp +
+    64) / 2`` keeps a sum of ``2**63`` of them below ``2**(maxexp - 1)`` (96
+    for float32, 544 for float64). The entries whose scaled squares underflow
+    (float32: below ``2**33``) add at most ``n * 2**-62`` of a sum that
+    overflowed (above ``2**128``): negligible.
+    """
+    return (int(jnp.finfo(dtype).maxexp) + 64) // 2
+
+
+def _rescued_norms(config: Config, placement: Placement, counted: list[Any]) -> jax.Array:
+    """``2**k * sqrt(sum((g * 2**-k)**2))`` per group: the norms of an overflowing step.
+
+    Finite for any finite entries whose norm the stats dtype can hold; a NaN or
+    inf entry gives a non-finite sum, as in the plain norm.
+    """
+    dtype = _stats_dtype()
+    groups = [g for g, c in zip(placement.groups, placement.counted) if c]
+    parts: list[list[tuple[int, jax.Array]]] = [[] for _ in placement.labels]
+    for group, leaf in zip(groups, counted):
+        op_dtype = _compute_dtype(leaf.dtype)
+        shift = _overflow_shift(op_dtype)
+        # The factor passes through an optimization barrier with the leaf: as a
+        # bare constant, XLA:CPU would materialise its broadcast to the leaf's
+        # shape, a gradient-sized buffer shared by the leaves of that shape.
+        factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaf))
+        scaled = jnp.sum(jnp.square(leaf.astype(op_dtype) * factor)).astype(dtype)
+        parts[group].append((shift, scaled))
+    shifts = [max(k for k, _ in p) for p in parts]
+    totals = []
+    for shift, p in zip(shifts, parts):
+        acc = jnp.zeros((), dtype)
+        for k, part in p:
+            # to the group's common shift (only a mixed float32/float64 group
+            # differs): a power of two, exact
+            acc = acc + (part if k == shift else part * jnp.asarray(4.0 ** (k - shift), dtype))
+        totals.append(acc)
+    total = jnp.stack(totals)
+    if config.axis_name is not None:
+        total = _axis_reduce(config, total)
+    # A norm beyond the stats dtype's range (float32: 3.4e38) is inf: the group is
+    # then non-finite, as for an inf entry.
+    return jnp.sqrt(total) * jnp.asarray([2.0**k for k in shifts], dtype)
 
 
 def _axis_reduce(config: Config, total: jax.Array) -> jax.Array:
     reduce = jax.lax.psum if config.axis_reduction == "sum" else jax.lax.pmean
-    return reduce(total, config.axis_name)
+    try:
+        return reduce(total, config.axis_name)
+    except (NameError, AssertionError, KeyError) as err:
+        # JAX says "unbound axis name" outside shard_map/pmap, and raises a bare
+        # AssertionError for a name the enclosing shard_map's mesh does not have
+        raise ValueError(
+            f"aggc: axis_name={config.axis_name!r} is not an axis of the enclosing "
+            "jax.shard_map or jax.pmap: call update inside one that maps this axis name "
+            "(e.g. shard_map over a mesh with that axis), or drop axis_name under plain "
+            "jax.jit, where sharded norms are already global"
+        ) from err
+
+
+def _not_an_aggc_state(state: Any) -> TypeError:
+    found = (
+        [i for i, part in enumerate(state) if isinstance(part, AGGCState)]
+        if isinstance(state, tuple)
+        else []
+    )
+    where = f" (it holds one at index {found[0]})" if found else ""
+    return TypeError(
+        f"aggc: update expects this transformation's own AGGCState, got a "
+        f"{type(state).__name__}{where}: pass the aggc part of the state (e.g. state[0] "
+        "of optax.chain(aggc(), ...)), or call the update of the whole optax.chain"
+    )
 
 
 def _rescale(placement: Placement, leaves: list[Any], scale: jax.Array) -> list[Any]:
@@ -334,6 +466,13 @@ def _check_placement(placement: Placement, leaves: list[Any], labels: tuple[str,
         )
 
 
+def _is_float_leaf(leaf: Any) -> bool:
+    try:
+        return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    except TypeError:  # a str or other non-array leaf left out of every group
+        return False
+
+
 def _warn_unlabelled(config: Config, params: Any, placement: Placement) -> None:
     """Under the default rule, say how much of the model is left out of every group."""
     if config.param_labels is not None or config.unlabelled == "ignore":
@@ -343,7 +482,7 @@ def _warn_unlabelled(config: Config, params: Any, placement: Placement) -> None:
     left_out = [
         (name, size)
         for name, group, leaf, size in zip(placement.names, placement.groups, leaves, sizes)
-        if group < 0 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+        if group < 0 and _is_float_leaf(leaf)
     ]
     if not left_out or not placement.labels:
         return
@@ -395,8 +534,124 @@ def _init_state(labels: tuple[str, ...]) -> AGGCState:
         ema_count=zeros(jnp.int32),
         clip_down_count=zeros(jnp.int32),
         raise_count=zeros(jnp.int32),
+        label_digest=jnp.asarray(label_digests(labels)),
         labels=GroupLabels(labels),
     )
+
+
+def label_digests(labels: tuple[str, ...]) -> np.ndarray:
+    """The CRC-32 of each label's UTF-8 bytes, as int32: what travels with the arrays."""
+    crcs = np.array([zlib.crc32(label.encode("utf-8")) for label in labels], np.uint32)
+    return crcs.view(np.int32)
+
+
+# The fields of an AGGCState with one entry per group, in group order.
+PER_GROUP_FIELDS = (
+    "ema",
+    "ema_residual",
+    "norm",
+    "lower",
+    "upper",
+    "scale",
+    "ema_count",
+    "clip_down_count",
+    "raise_count",
+    "label_digest",
+)
+
+
+def _order_error(saved: np.ndarray, labels: tuple[str, ...]) -> ValueError:
+    by_digest = dict(zip(label_digests(labels).tolist(), labels))
+    saved_order = [
+        by_digest.get(int(d), f"<a label not in this state, CRC-32 {int(d) & 0xFFFFFFFF:08x}>")
+        for d in saved.tolist()
+    ]
+    return ValueError(
+        "aggc: the state's arrays are in the group order "
+        f"{saved_order}, but its labels (those of the transformation) are {list(labels)}: "
+        "it was most likely restored from a checkpoint into a target whose groups come "
+        "in another order. Re-order it by label with aggc_optax.check_state(state, "
+        "reorder=True), or build the restore target from the same parameters and "
+        "param_labels as the saved state."
+    )
+
+
+def _state_in_order(state: AGGCState) -> bool | jax.Array:
+    """Whether the state's arrays are in its labels' order.
+
+    Concrete (an eager update): checked here, a mismatch raises. Traced (under
+    ``jax.jit``): a bool array, as nothing can be raised from compiled code;
+    the update then skips every group (see :func:`check_state`).
+    """
+    expected = label_digests(tuple(state.labels))
+    digest = state.label_digest
+    if np.shape(digest) != expected.shape:
+        raise ValueError(
+            f"aggc: the state's label_digest has shape {np.shape(digest)}, its labels "
+            f"{list(state.labels)} need {expected.shape}: the state was not built by "
+            "this transformation's init"
+        )
+    if _validation.is_traced(digest):
+        return jnp.all(digest == expected)
+    saved = np.asarray(digest)
+    if not np.array_equal(saved, expected):
+        raise _order_error(saved, tuple(state.labels))
+    return True
+
+
+def check_state(opt_state: Any, *, reorder: bool = False) -> Any:
+    """Checks (or re-orders) every AGGC state in ``opt_state`` after a restore.
+
+    A checkpoint (Orbax, ``flax.serialization``, pickle) stores an
+    :class:`AGGCState`'s arrays and, in ``label_digest``, the CRC-32 of each
+    group's label in the order of the arrays; its labels come back from the
+    restore target. When the target's groups come in another order (the same
+    labels, a leaf added earlier in the tree), each restored EMA would belong
+    to another group. An eager ``update`` raises on such a state; under
+    ``jax.jit`` the update cannot raise, so it skips every group (gradients
+    pass through, the EMAs are kept, ``count - ema_count`` grows). Call this
+    after every restore.
+
+    Args:
+      opt_state: any optax state (a restored one), holding AGGC states anywhere.
+      reorder: re-order the per-group arrays of a state whose groups are the
+        target's in another order, by label, instead of raising.
+
+    Returns:
+      ``opt_state`` (with the re-ordered AGGC states when ``reorder``).
+
+    Raises:
+      ValueError: a state's arrays are not in its labels' order (and
+        ``reorder`` is False, or its saved labels are not the target's).
+
+    Example:
+      >>> import jax.numpy as jnp, aggc_optax
+      >>> tx = aggc_optax.aggc(param_labels={"a": "a", "b": "b"})
+      >>> state = tx.init({"a": jnp.ones(2), "b": jnp.ones(2)})
+      >>> aggc_optax.check_state(state) is state
+      True
+    """
+
+    def fix(node: Any) -> Any:
+        if not isinstance(node, AGGCState):
+            return node
+        labels = tuple(node.labels)
+        expected = label_digests(labels)
+        saved = np.asarray(node.label_digest)
+        if saved.shape == expected.shape and np.array_equal(saved, expected):
+            return node
+        saved_list = saved.tolist()
+        permutation = (
+            saved.shape == expected.shape
+            and len(set(saved_list)) == len(saved_list)
+            and sorted(saved_list) == sorted(expected.tolist())
+        )
+        if not (reorder and permutation):
+            raise _order_error(saved, labels)
+        index = jnp.asarray([saved_list.index(d) for d in expected.tolist()])
+        return node._replace(**{f: jnp.take(getattr(node, f), index) for f in PER_GROUP_FIELDS})
+
+    return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, AGGCState))
 
 
 def _build(config: Config) -> optax.GradientTransformationExtraArgs:
@@ -429,10 +684,14 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
         updates: optax.Updates, state: AGGCState, params: optax.Params | None = None, **extra: Any
     ) -> tuple[optax.Updates, AGGCState]:
         del params, extra
+        if not isinstance(state, AGGCState):
+            raise _not_an_aggc_state(state)
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         placement = _labels.place(updates, config.param_labels)  # as optax.partition does
         _check_placement(placement, leaves, state.labels)
+        leaves = [_as_array(x) if g >= 0 else x for x, g in zip(leaves, placement.groups)]
         count = optax.safe_increment(state.count)
+        in_order = _state_in_order(state)
         if not state.labels:
             return updates, state._replace(count=count)
         norm = _group_norms(config, placement, leaves)
@@ -441,7 +700,7 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
         # 1 - beta from the Python float: rounding beta = 0.999 to float32 first
         # would put a 1.3e-5 relative error into every EMA update.
         one_minus_beta = _at_step(per_group.ema_beta, state.count, norm.dtype, lambda b: 1 - b)
-        step = _group_step(config, hp, one_minus_beta, norm, state)
+        step = _group_step(config, hp, one_minus_beta, norm, state, in_order)
         new_state = AGGCState(
             count=count,
             ema=step.ema,
@@ -451,8 +710,9 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
             upper=step.upper,
             scale=step.scale,
             ema_count=step.ema_count,
-            clip_down_count=state.clip_down_count + step.down.astype(jnp.int32),
-            raise_count=state.raise_count + step.raised.astype(jnp.int32),
+            clip_down_count=_saturating_add(state.clip_down_count, step.down.astype(jnp.int32)),
+            raise_count=_saturating_add(state.raise_count, step.raised.astype(jnp.int32)),
+            label_digest=state.label_digest,
             labels=state.labels,
         )
         return treedef.unflatten(_rescale(placement, leaves, step.scale)), new_state  # type: ignore[attr-defined]  # jax's stub lacks PyTreeDef methods
@@ -533,7 +793,8 @@ def aggc(
       min_norm: floor of the lower bound (the whole lower bound without
         ``auto_bounds``); giving it turns on raising.
       max_up_scale: a ceiling (``>= 1``) on an upward scale; only with raising.
-      max_down_scale: a floor (in ``(0, 1]``) on a downward scale.
+      max_down_scale: a floor (in ``(0, 1)``) on a downward scale (1 would
+        never clip, so it is refused).
       auto_bounds: bounds from the EMA (``True``) or fixed ``[min_norm, max_norm]``.
       max_norm: the fixed upper bound; required with ``auto_bounds=False`` and
         rejected otherwise.
@@ -550,7 +811,8 @@ def aggc(
         for any of ``ema_beta, low_mult, high_mult, min_norm, max_norm,
         max_up_scale, max_down_scale``, with the meanings above (``None`` is
         "not given"). An exact label wins over patterns; among patterns
-        (matched in full) the first wins; fields not given take the arguments
+        (matched in full) the first wins; a key that is not a valid pattern
+        (``"a[b"``) is an exact label only; fields not given take the arguments
         above. A key matching no group warns at ``init``.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over
         which the per-group sums of squares are summed, so the norms are those

@@ -48,7 +48,7 @@ AGGC_GROUP_FIELDS = tuple(f for f in Hyper._fields if f != "raise_small")
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     key: str
-    regex: re.Pattern[str]
+    regex: re.Pattern[str] | None  # None: the key is not a valid pattern, only an exact label
     hyper: Hyper  # the whole entry: its fields over the defaults
 
 
@@ -77,7 +77,7 @@ def resolve(config: Config, labels: tuple[str, ...]) -> Hyper:
     per_group = []
     for label in labels:
         exact = [e for e in config.entries if e.key == label]
-        matched = exact or [e for e in config.entries if e.regex.fullmatch(label)]
+        matched = exact or [e for e in config.entries if e.regex and e.regex.fullmatch(label)]
         per_group.append(matched[0].hyper if matched else config.default)
     return Hyper(*(tuple(values) for values in zip(*per_group))) if labels else Hyper(*[()] * 8)
 
@@ -86,7 +86,7 @@ def unmatched_keys(config: Config, labels: tuple[str, ...]) -> list[str]:
     return [
         e.key
         for e in config.entries
-        if not any(e.key == label or e.regex.fullmatch(label) for label in labels)
+        if not any(e.key == label or (e.regex and e.regex.fullmatch(label)) for label in labels)
     ]
 
 
@@ -119,8 +119,16 @@ def _up_cap(name: str, v: Any) -> Any:
 
 
 def _down_cap(name: str, v: Any) -> Any:
+    # 1 is refused: a floor of 1 never clips, yet every step above the bound would
+    # count as clipped down
     return _validation.check_cap(
-        name, v, low=0, high=1, low_inclusive=False, meaning="a floor on a downward scale"
+        name,
+        v,
+        low=0,
+        high=1,
+        low_inclusive=False,
+        high_inclusive=False,
+        meaning="a floor on a downward scale; 1 would never clip",
     )
 
 
@@ -220,9 +228,11 @@ def _entries(
         if not isinstance(key, str):
             raise TypeError(f"group_hyperparams: keys must be str labels or patterns, got {key!r}")
         try:
-            regex = re.compile(key)
-        except re.error as err:
-            raise ValueError(f"group_hyperparams: invalid pattern {key!r}: {err}") from err
+            regex: re.Pattern[str] | None = re.compile(key)
+        except re.error:
+            # not a pattern ("a[b"): an exact label only; a key that matches no group
+            # label warns at init, so a broken pattern is not silently ignored
+            regex = None
         if not isinstance(fields, Mapping):
             raise TypeError(
                 f"group_hyperparams[{key!r}] must be a mapping of hyperparameters, got {fields!r}"

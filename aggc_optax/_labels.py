@@ -99,6 +99,27 @@ def tree_labeler(fn: Callable[[Any], Any]) -> TreeLabeler:
     return TreeLabeler(fn)
 
 
+_STATIC_ARGS_HINT = (
+    "optax.inject_hyperparams calls every callable argument with the step count, as a "
+    "schedule: list the labeler in static_args, e.g. optax.inject_hyperparams(aggc_optax.aggc, "
+    'static_args=("param_labels",))(param_labels=...)'
+)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+def _name_type_error(fn: str, name: Any) -> TypeError:
+    """The error of a labeler given something other than a parameter name."""
+    if _is_array(name):
+        return TypeError(
+            f"{fn}: got an array ({type(name).__name__}) where a parameter name (a str) was "
+            f"expected. {_STATIC_ARGS_HINT}"
+        )
+    return TypeError(f"{fn}: name must be a str, got {type(name).__name__}")
+
+
 def _known_token(name: str) -> str | None:
     for token in REFERENCE_TOKENS:
         if (
@@ -134,7 +155,7 @@ def reference_label(name: str) -> str | None:
       True
     """
     if not isinstance(name, str):
-        raise TypeError(f"reference_label: name must be a str, got {type(name).__name__}")
+        raise _name_type_error("reference_label", name)
     token = _known_token(name)
     if token is not None:
         return token
@@ -188,7 +209,7 @@ def lora_label(name: str) -> str | ScaleOnly | None:
       True
     """
     if not isinstance(name, str):
-        raise TypeError(f"lora_label: name must be a str, got {type(name).__name__}")
+        raise _name_type_error("lora_label", name)
     if "lora_" not in name:
         return None
     parts = name.split(".")
@@ -222,8 +243,9 @@ def regex_labeler(
     """
     compiled = []
     for i, rule in enumerate(rules):
-        if not (isinstance(rule, tuple) and len(rule) == 2):
-            raise TypeError(f"param_labels rule {i} must be a (pattern, label) tuple, got {rule!r}")
+        # a list pair too: rules read from JSON or YAML come as lists
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise TypeError(f"param_labels rule {i} must be a (pattern, label) pair, got {rule!r}")
         pattern, label = rule
         if not isinstance(pattern, str) or not (label is None or isinstance(label, str)):
             raise TypeError(
@@ -235,6 +257,8 @@ def regex_labeler(
             raise ValueError(f"param_labels rule {i}: invalid pattern {pattern!r}: {err}") from err
 
     def label_fn(name: str) -> str | None:
+        if not isinstance(name, str):
+            raise _name_type_error("regex_labeler", name)
         for regex, label in compiled:
             match = regex.search(name)
             if match:
@@ -314,7 +338,17 @@ def check_param_labels(param_labels: ParamLabels) -> None:
     if param_labels is None or callable(param_labels):
         return
     if isinstance(param_labels, (str, ScaleOnly)):
-        raise TypeError(f"{_FORMS}; got the single label {param_labels!r}")
+        raise TypeError(
+            f"{_FORMS}; got the single label {param_labels!r} (if it came from "
+            "optax.inject_hyperparams, it is a labeler's output: optax.inject_hyperparams "
+            "calls every callable argument with the step count, as a schedule; list the "
+            'labeler in static_args=("param_labels",))'
+        )
+    if _is_array(param_labels):
+        raise TypeError(
+            f"{_FORMS}; got an array ({type(param_labels).__name__}), most likely a labeler's "
+            f"output. {_STATIC_ARGS_HINT}"
+        )
     for path, value in jax.tree_util.tree_flatten_with_path(param_labels, is_leaf=_is_label)[0]:
         if not _is_label(value):
             name = path_name(path)
@@ -332,15 +366,15 @@ def _check_label(value: Any, name: str, source: str) -> Any:
 
 
 def _mismatch(labels_tree: Any, detail: str) -> ValueError:
-    hint = ""
     if _looks_like_rules(labels_tree):
-        hint = (
-            " It looks like a list of (regex, label) rules: a bare list or tuple is always read "
-            "as a label tree; pass rules as param_labels=aggc_optax.regex_labeler(rules)."
+        # rules as lists (from JSON or YAML): say what they are first
+        return ValueError(
+            f"param_labels: {labels_tree!r} looks like a list of (regex, label) rules, but a "
+            "bare list or tuple is read as a label tree; pass rules as "
+            "param_labels=aggc_optax.regex_labeler(rules) (lists of two are accepted). As a "
+            f"label tree it does not match the parameters: {detail}."
         )
-    return ValueError(
-        f"param_labels: the label tree does not match the parameters: {detail}.{hint}"
-    )
+    return ValueError(f"param_labels: the label tree does not match the parameters: {detail}.")
 
 
 def _labels_from_tree(labels_tree: Any, names: list[str], params: Any) -> list[Any]:
@@ -357,6 +391,12 @@ def _labels_from_tree(labels_tree: Any, names: list[str], params: Any) -> list[A
     # errors that name the first leaf that differs.
     flat = jax.tree_util.tree_flatten_with_path(labels_tree, is_leaf=_is_label)[0]
     label_names = [path_name(p) for p, _ in flat]
+    if len(label_names) != len(names):
+        # labels given for the parameters' None nodes (no array there): ignored
+        with_none = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
+        if [path_name(p) for p, _ in with_none] == label_names:
+            flat = [f for f, (_, leaf) in zip(flat, with_none) if leaf is not None]
+            label_names = [path_name(p) for p, _ in flat]
     for i, (a, b) in enumerate(zip(names, label_names)):
         if a != b:
             raise _mismatch(
@@ -373,6 +413,17 @@ def _labels_from_tree(labels_tree: Any, names: list[str], params: Any) -> list[A
             f"unmatched path is {first!r} (only in the {what})",
         )
     return [_check_label(v, n, "label tree") for (_, v), n in zip(flat, names)]
+
+
+def _labeler_error(err: Exception, name: str) -> Exception:
+    """The labeler's own exception, of its own type where possible, naming the leaf."""
+    message = f"param_labels: the labeler raised {type(err).__name__} for leaf {name!r}: {err}"
+    try:
+        new = type(err)(message)
+    except Exception:  # an exception type whose constructor wants other arguments
+        err.add_note(f"(raised by the param_labels labeler for leaf {name!r})")
+        return err
+    return new
 
 
 def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str], list[Any]]:
@@ -404,7 +455,10 @@ def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str
         arity = _labeler_arity(param_labels)
         out = []
         for n, (_, leaf) in zip(names, flat):
-            value = param_labels(n) if arity == 1 else param_labels(n, leaf)
+            try:
+                value = param_labels(n) if arity == 1 else param_labels(n, leaf)
+            except Exception as err:
+                raise _labeler_error(err, n) from err
             out.append(_check_label(value, n, "labeler"))
         return names, out
     return names, _labels_from_tree(param_labels, names, params)

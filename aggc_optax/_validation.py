@@ -24,7 +24,14 @@ def as_python_float(name: str, value: Any) -> float:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a real number, got the bool {value!r}")
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            digits = len(str(abs(int(value)))) if isinstance(value, numbers.Integral) else None
+            what = f"an int of {digits} digits" if digits else repr(value)
+            raise ValueError(
+                f"{name} must be finite, got {what}, too large for a float (at most about 1.8e308)"
+            ) from None
     if isinstance(value, (np.ndarray, np.generic, jax.Array)):
         arr = np.asarray(value)
         if arr.shape != ():
@@ -119,7 +126,14 @@ def check_schedule_or_number(
 
 
 def check_cap(
-    name: str, value: Any, *, low: float, high: float, low_inclusive: bool, meaning: str
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float,
+    low_inclusive: bool,
+    meaning: str,
+    high_inclusive: bool = True,
 ) -> Any:
     """A cap inside ``[low, high]`` (or ``(low, high]``); outside it would invert its meaning.
 
@@ -128,10 +142,12 @@ def check_cap(
     """
     if is_traced(value):
         return value
-    allowed = f"{'[' if low_inclusive else '('}{low}, {high}]" if high != math.inf else f">= {low}"
-    allowed = allowed if high == math.inf else f"in {allowed}"
+    close = "]" if high_inclusive else ")"
+    bounds = f"{'[' if low_inclusive else '('}{low}, {high}{close}"
+    allowed = f">= {low}" if high == math.inf else f"in {bounds}"
     x = check_number(name, value, minimum=0.0, allowed=allowed)
-    if not ((low <= x if low_inclusive else low < x) and x <= high):
+    below_high = x <= high if high_inclusive else x < high
+    if not ((low <= x if low_inclusive else low < x) and below_high):
         raise ValueError(
             f"{name} must be {allowed} ({meaning}) or None (no cap), got {x!r}; the "
             "reference takes 0 as off and accepts other values, which invert the cap's "

@@ -226,12 +226,19 @@ def global_norm(max_norm: float) -> optax.GradientTransformation:
     in float64, ``rtol=1e-12 + 1e-15`` for ``max_norm = 1``). Where they differ:
 
     * a genuinely non-finite norm (a NaN or inf entry): AGGC passes the
-      gradients through unchanged (optax returns NaN, or zeros for an inf
-      entry next to finite ones);
+      gradients through unchanged, so ``optax.apply_if_finite`` or a loss
+      scaler still sees the fault (optax returns all NaN for a NaN entry; for
+      an inf entry, NaN there and zeros elsewhere);
     * finite entries whose float32 sum of squares overflows (a norm above
-      about 1.8e19): the norm is inf, so AGGC treats the group as non-finite
-      and passes it through, where optax returns zeros
-      (``docs/reliability.md``, "Overflow").
+      about 1.8e19): AGGC recomputes the norm with a power-of-two scaling on
+      that step and clips correctly (``[1e20, 1e20], [1, 2]`` comes out with
+      norm 1), where optax's norm is inf and it returns zeros; a norm beyond
+      float32's range (about 3.4e38) is inf and counts as non-finite
+      (``docs/reliability.md``, "Overflow");
+    * float16 and bfloat16 gradients: AGGC sums their squares in float32, so
+      a float16 tree of norm above 256 (squares above float16's 65504) is
+      clipped to ``max_norm``, where optax sums in float16, gets inf and
+      returns zeros.
 
     An injected ``max_norm=0`` (``optax.inject_hyperparams``) returns zeros,
     as optax does; a literal ``global_norm(0.0)`` is an error.

@@ -190,6 +190,11 @@ def test_saving_the_group_labels_catches_a_relabelling(runs: Any, tmp_path: Path
     assert other_labels != saved_labels
     silently = _restore(runs["path"], {"params": params, "opt_state": other})
     assert aggc_optax.find_aggc_states(silently["opt_state"])[0].labels == other_labels
+    # the labels' digests travel with the arrays: check_state sees the relabelling
+    with pytest.raises(ValueError, match="group order"):
+        aggc_optax.check_state(silently["opt_state"])
+    good = _restore(runs["path"], {"params": params, "opt_state": jax.eval_shape(tx.init, params)})
+    assert aggc_optax.check_state(good["opt_state"]) is not None  # the right target passes
     with pytest.raises(ValueError, match="groups"):
         _restore_checked(tmp_path / "ckpt", other)
 

@@ -163,7 +163,9 @@ def model_trajectory(
 
 @pytest.mark.parametrize("config", ["default", "raise_no_caps"])
 @pytest.mark.parametrize("step", [0, 3, 40], ids=["step0", "warmup", "late"])
-@pytest.mark.parametrize("kind", ["nan", "inf", "-inf", "overflow", "float32_max"])
+# Finite entries whose float32 squares overflow are not a fault: such a group
+# is clipped (tests/test_reliability2.py, "overflowing norms").
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf"])
 def test_skip_policy_isolates_the_faulty_group(config: str, step: int, kind: str) -> None:
     faulty = with_fault(SEQUENCE, step, kind)
     got = run(config, faulty)

@@ -139,7 +139,7 @@ def test_out_of_range_caps_invert_as_in_the_reference() -> None:
     out, state = tx.update(g1, state)
     assert float(group_stats(state)["q_proj"]["scale"]) == 1.5
     np.testing.assert_allclose(out[Q], [45.0, 60.0])
-    with pytest.raises(ValueError, match=r"max_down_scale must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"max_down_scale must be in \(0, 1\)"):
         aggc(max_down_scale=1.5)
 
 
