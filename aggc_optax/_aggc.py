@@ -352,12 +352,12 @@ def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax
     if config.nonfinite == "reference":
         # the reference's float32 sums overflow to inf (docs/reference-behaviour.md §8)
         return norm
-    counted = [leaf for leaf, c in zip(leaves, placement.counted) if c]
+    counted_leaves = [leaf for leaf, c in zip(leaves, placement.counted) if c]
     rescued = jax.lax.cond(
         jnp.any(~jnp.isfinite(total)),
         lambda xs: _rescued_norms(config, placement, xs),
         lambda xs: jnp.full(norm.shape, jnp.nan, dtype),
-        counted,
+        counted_leaves,
     )
     return jnp.where(jnp.isfinite(total) | ~jnp.isfinite(rescued), norm, rescued)
 
@@ -649,7 +649,7 @@ def check_state(opt_state: Any, *, reorder: bool = False) -> Any:
         if not (reorder and permutation):
             raise _order_error(saved, labels)
         index = jnp.asarray([saved_list.index(d) for d in expected.tolist()])
-        return node._replace(**{f: jnp.take(getattr(node, f), index) for f in PER_GROUP_FIELDS})
+        return node._replace(**{f: jnp.take(getattr(node, f), index) for f in PER_GROUP_FIELDS})  # type: ignore[arg-type]  # only per-group array fields
 
     return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, AGGCState))
 
