@@ -681,6 +681,26 @@ def normal_shares(out: dict[str, Any]) -> str:
     return f"{where}, the share of (step, group) pairs rescaled: {shares}"
 
 
+def nonfinite_sentence(out: dict[str, Any]) -> str | None:
+    """Which runs saw NaN or inf (a loss, or a group's norm), or None when none did."""
+    parts = []
+    for run, r in out["results"].items():
+        losses = int(np.sum(~np.isfinite(r["loss"])))
+        norms = int(np.sum(~np.isfinite(r["before"])))
+        if losses or norms:
+            parts.append(
+                f"{SHORT_NAMES[run]}: loss on {losses} steps, gradient norm on {norms} "
+                "(step, group) pairs"
+            )
+    if not parts:
+        return None
+    return (
+        "Non-finite values (their factors count as 1 in the counts above and below): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def eval_at(r: dict[str, Any], step: int) -> tuple[float, float]:
     """Held-out loss and accuracy after ``step`` optimizer steps."""
     return next((v, a) for s, v, a in r["eval"] if s == step)
@@ -740,9 +760,26 @@ def write_csvs(out: dict[str, Any], folder: str) -> None:
                 w.writerow([step, run, repr(loss), repr(acc)])
 
 
-def _axis_top(curves: Sequence[tuple[np.ndarray, np.ndarray]], from_step: int) -> float:
-    """The highest value of the curves (steps, values) from ``from_step`` on."""
-    return max(float(np.max(v[s >= from_step])) for s, v in curves if np.any(s >= from_step))
+def loss_axis(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]], from_step: int
+) -> tuple[float, float, float] | None:
+    """Linear y limits for curves of (steps, values): the range from ``from_step`` on.
+
+    Returns ``(low, top, highest)``: the finite range from ``from_step`` on (all
+    steps if there are none), and the highest finite value of any step; None when
+    nothing is finite (every run diverged).
+    """
+
+    def finite(after: int) -> np.ndarray:
+        parts = [v[(s >= after) & np.isfinite(v)] for s, v in curves]
+        return np.concatenate(parts) if parts else np.empty(0)
+
+    shown = finite(from_step)
+    if shown.size == 0:
+        shown = finite(0)
+    if shown.size == 0:
+        return None
+    return float(shown.min()), float(shown.max()), float(finite(0).max())
 
 
 def plot_losses(out: dict[str, Any], path: str, fault_text: str) -> Any:
@@ -781,12 +818,13 @@ def plot_losses(out: dict[str, Any], path: str, fault_text: str) -> Any:
         (ax_train, smooth, f"training loss ({unit}), centred {width}-step mean; raw faint"),
         (ax_eval, evals, f"held-out loss ({unit})"),
     ):
-        top = _axis_top(curves, first)
-        highest = max(float(np.max(v)) for _, v in curves)
-        low = min(float(np.min(v[s >= first])) for s, v in curves)
-        ax.set_ylim(low - 0.05 * (top - low), top + 0.05 * (top - low))
-        if highest > top + 0.05 * (top - low):
-            name += f"\n(axis cut: before step {first} the loss reaches {highest:.2f})"
+        limits = loss_axis(curves, first)
+        if limits is not None:
+            low, top, highest = limits
+            margin = 0.05 * (top - low) or 0.05
+            ax.set_ylim(low - margin, top + margin)
+            if highest > top + margin:
+                name += f"\n(axis cut: before step {first} the loss reaches {highest:.2f})"
         _shade(ax, out["window"])
         ax.set_xlabel("step")
         ax.set_ylabel(f"loss ({unit})")
@@ -898,6 +936,9 @@ def summarize(out: dict[str, Any], args: argparse.Namespace, fault_text: str) ->
         cells += [f"{np.mean(r['loss'][-tail:]):.4f}", f"{eval_loss:.4f}", f"{100 * acc:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *heldout_sentences(out), ""]
+    nonfinite = nonfinite_sentence(out)
+    if nonfinite:
+        lines += [nonfinite, ""]
     lines.append(
         "One seed: the spread between seeds is not measured here (docs/stability.md "
         "measures it over 3 seeds)."

@@ -360,12 +360,32 @@ def test_train_lm_captions_from_synthetic_factors():
     )
     after[2:4, 1] = 1.0
     assert train_lm.fault_clause(out, "aggc").startswith("AGGC: v_proj untouched; ")
+    clean = {"aggc": {"loss": np.ones(6), "before": before.copy()}}
+    assert train_lm.nonfinite_sentence(out | {"results": clean}) is None
+    before[3, 0], loss = np.nan, np.array([1, 1, 1, np.nan, np.inf, 1])
+    broken = {"aggc": {"loss": loss, "before": before}}
+    assert train_lm.nonfinite_sentence(out | {"results": broken}) == (
+        "Non-finite values (their factors count as 1 in the counts above and below): "
+        "AGGC: loss on 2 steps, gradient norm on 1 (step, group) pairs."
+    )
     # centred smoothing keeps a spike where it happened
     spike = np.zeros(21)
     spike[10] = 9.0
     smooth = train_lm.centered_mean(spike, 9)
     assert int(np.argmax(smooth)) in range(6, 15) and smooth[6] == smooth[14] == 1.0
     np.testing.assert_allclose(smooth[[0, 20]], 0.0)
+
+
+def test_train_lm_loss_axis_ignores_nan_and_the_first_steps():
+    train_lm = _load_train_lm()
+    steps = np.arange(6)
+    curves = [
+        (steps, np.array([9.0, 5, 3, 2.5, 2, 2.2])),
+        (steps, np.array([9.0, 5, np.nan, 2.6, np.nan, 2.1])),
+    ]
+    assert train_lm.loss_axis(curves, 2) == (2.0, 3.0, 9.0)
+    assert train_lm.loss_axis(curves, 10) == (2.0, 9.0, 9.0)  # no step that late: all steps
+    assert train_lm.loss_axis([(steps, np.full(6, np.nan))], 2) is None
 
 
 def test_train_lm_help_documents_every_flag():
