@@ -6,6 +6,7 @@ Language Model Training", Findings of ACL 2026 (arXiv 2601.11864).
 
 from aggc_optax import presets
 from aggc_optax._aggc import AGGCState, GroupLabels, aggc
+from aggc_optax._hf_callback import LoraCallbackAsRanState, lora_callback_as_ran
 from aggc_optax._labels import (
     REFERENCE_TOKENS,
     TreeLabeler,
@@ -16,6 +17,7 @@ from aggc_optax._labels import (
     regex_labeler,
     tree_labeler,
 )
+from aggc_optax._metrics import metrics
 from aggc_optax._module_labels import module_labels
 from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
 from aggc_optax._scale_only import ScaleOnly
@@ -31,6 +33,7 @@ __all__ = [
     "AGGCState",
     "CSVLogger",
     "GroupLabels",
+    "LoraCallbackAsRanState",
     "ScaleOnly",
     "TreeLabeler",
     "aggc",
@@ -40,7 +43,9 @@ __all__ = [
     "from_reference_options",
     "group_stats",
     "linear_bounds_schedule",
+    "lora_callback_as_ran",
     "lora_label",
+    "metrics",
     "module_labels",
     "path_name",
     "presets",

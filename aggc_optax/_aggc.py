@@ -55,7 +55,7 @@ class AGGCState(NamedTuple):
       labels: the group labels, in group order (static, no arrays).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # NamedTuple field named like tuple.count
     ema: jax.Array
     ema_residual: jax.Array
     norm: jax.Array
@@ -203,7 +203,7 @@ def _group_step(
     if config.variant == "paper":
         # Paper eq. 2-4: the EMA of raw norms, including this step, sets the bounds.
         stepped = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm)
-        stepped = tuple(jnp.where(taken, new, old) for new, old in zip(stepped, (ema, residual)))
+        stepped = tuple(jnp.where(taken, new, old) for new, old in zip(stepped, (ema, residual)))  # type: ignore[assignment]  # two arrays in, two out
         stat, updates_in_stat = stepped[0], ema_count + taken
     if config.ema_init == "bias_corrected":
         correction = 1 - hp.ema_beta ** updates_in_stat.astype(norm.dtype)
@@ -223,10 +223,10 @@ def _group_step(
     if config.variant != "paper":
         # The reference feeds the EMA the intended post-clip norm.
         fed = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm * scale)
-        stepped = tuple(jnp.where(taken, new, old) for new, old in zip(fed, (ema, residual)))
+        stepped = tuple(jnp.where(taken, new, old) for new, old in zip(fed, (ema, residual)))  # type: ignore[assignment]  # two arrays in, two out
     ema_count = ema_count + taken.astype(state.ema_count.dtype)
     if config.nonfinite != "reference":
-        stepped = tuple(jnp.where(restart, jnp.zeros_like(x), x) for x in stepped)
+        stepped = tuple(jnp.where(restart, jnp.zeros_like(x), x) for x in stepped)  # type: ignore[assignment]  # two arrays in, two out
         ema_count = jnp.where(restart, 0, ema_count)
     return GroupStep(scale, lower, upper, *stepped, ema_count, down, raised)
 
@@ -288,7 +288,7 @@ def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax
     for group, counted, leaf in zip(placement.groups, placement.counted, leaves):
         if counted:
             square = jnp.sum(jnp.square(leaf.astype(_compute_dtype(leaf.dtype)))).astype(dtype)
-            sums[group] = square if sums[group] is None else sums[group] + square
+            sums[group] = square if sums[group] is None else sums[group] + square  # type: ignore[operator]  # not None on this branch
     total = jnp.stack([jnp.zeros((), dtype) if s is None else s for s in sums])
     if config.axis_name is not None:
         total = _axis_reduce(config, total)
@@ -455,7 +455,7 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
             raise_count=state.raise_count + step.raised.astype(jnp.int32),
             labels=state.labels,
         )
-        return treedef.unflatten(_rescale(placement, leaves, step.scale)), new_state
+        return treedef.unflatten(_rescale(placement, leaves, step.scale)), new_state  # type: ignore[attr-defined]  # jax's stub lacks PyTreeDef methods
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -348,7 +348,7 @@ def _labels_from_tree(labels_tree: Any, names: list[str], params: Any) -> list[A
     # node of the parameters (eqx.filter's None for a non-array field) is then
     # an empty node of the labels too, not a None label.
     try:
-        matched = jax.tree_util.tree_structure(params).flatten_up_to(labels_tree)
+        matched = jax.tree_util.tree_structure(params).flatten_up_to(labels_tree)  # type: ignore[attr-defined]  # jax's stub lacks PyTreeDef methods
     except (TypeError, ValueError):
         matched = None
     if matched is not None and len(matched) == len(names) and all(map(_is_label, matched)):

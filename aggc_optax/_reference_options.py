@@ -122,7 +122,7 @@ def _check_norm_type(value: Any) -> None:
     allowed = "a number > 0 or inf (it has no effect: the norm is always L2)"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"norm_type must be {allowed}, got {value!r} ({type(value).__name__})")
-    if not value > 0:
+    if not value > 0:  # type: ignore[operator]  # checked to be a real number above
         raise ValueError(f"norm_type must be {allowed}, got {value!r}")
 
 

@@ -159,7 +159,7 @@ def cosine_ramp(
     """
     base = _validation.check_number("base", base, minimum=0.0)
     late = _validation.check_number("late", late)
-    total_steps = _validation.check_total_steps(total_steps)
+    total_steps = _validation.check_total_steps(total_steps)  # type: ignore[assignment]  # check_total_steps returns None only for None
     if not total_steps:
         raise ValueError(f"cosine_ramp: total_steps must be > 0, got {total_steps!r}")
     switch = _validation.check_number("switch_ratio", switch_ratio, minimum=0.0, maximum=1.0)

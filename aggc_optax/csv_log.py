@@ -45,7 +45,7 @@ def _scalar(x: Any) -> np.floating:
     value = np.asarray(x)
     if not np.issubdtype(value.dtype, np.floating):
         value = value.astype(np.float64)
-    return value[()]
+    return value[()]  # type: ignore[return-value]  # a 0-d array indexed by () is a scalar
 
 
 def _rows_from_state(opt_state: Any) -> list[Row] | None:
@@ -236,9 +236,9 @@ def read_clip_csv(path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarra
       path: the CSV file, or a directory holding ``per_module_clip.csv``.
 
     Returns:
-      ``{module: {"step": int array, "norm", "lower", "upper", "scale": float
-      arrays}}``, modules in order of first appearance, rows in file order.
-      Empty cells read as NaN.
+      ``{module: {column: array}}``: ``"step"`` as ints, ``"norm"``, ``"lower"``,
+      ``"upper"`` and ``"scale"`` as floats; modules in order of first
+      appearance, rows in file order. Empty cells read as NaN.
 
     Example:
       >>> import tempfile, os

@@ -3,6 +3,7 @@ r"""Cross-framework parity: the PyTorch reference against the JAX transformation
 Two modes, as a library and as a command::
 
     python -m aggc_optax.parity --device cpu|cuda [--config NAME|all|e2e] [--steps N]
+        [--upstream PATH/TO/grad_clip.py]
 
 * **Trajectories** (:func:`run_parity`): the same deterministic, adversarial
   gradient trajectory goes, step by step, through
@@ -12,7 +13,9 @@ Two modes, as a library and as a command::
   ``jax.jit``. Per configuration it reports the worst relative difference of
   the group norms, bounds, scales, EMAs and clipped gradients, and the number
   of (step, group) pairs where the two took a different branch (clip down,
-  raise, untouched).
+  raise, untouched). With ``--upstream`` (:func:`load_upstream`) the
+  authors' own ``grad_clip.py``, imported from where it lies, runs the same
+  trajectories too, and a three-way table compares it with both.
 * **End to end** (:func:`run_end_to_end`): a two-layer LLaMA-style transformer
   with Hugging Face parameter names, written once in PyTorch and once in JAX,
   starts from identical weights and trains on identical batches with AGGC and
@@ -48,10 +51,12 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import math
+import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -64,20 +69,27 @@ import torch.nn.functional as F
 from aggc_optax import presets
 from aggc_optax._reference_options import from_reference_options
 from aggc_optax._stats import group_stats
-from aggc_optax.torch_reference import PerModuleGradClipper, PerModuleGradNormOptions
+from aggc_optax.torch_reference import PerModuleGradClipper, PerModuleGradNormOptions, mirror_module
 
 __all__ = [
+    "BUNDLED",
     "CONFIGS",
     "E2E_CONFIGS",
     "E2E_TOLERANCE",
+    "PAIRS",
     "QUANTITIES",
     "TOLERANCE",
+    "UPSTREAM_INTERFACE",
     "X64_TOLERANCE",
     "EndToEndResult",
     "ParityConfig",
     "ParityResult",
     "StepRun",
+    "ThreeWay",
+    "TorchClipper",
+    "compare_runs",
     "cuda_available",
+    "load_upstream",
     "main",
     "make_trajectory",
     "parity_shapes",
@@ -338,7 +350,7 @@ def make_trajectory(
     return out
 
 
-# -- running both sides ----------------------------------------------------------------------
+# -- running the implementations --------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -350,13 +362,98 @@ class StepRun:
       stats: per step, ``{label: {"norm", "lower", "upper", "scale", "ema"}}``
         (``ema`` after the step), as Python floats.
       branches: per step, ``{label: "down" | "raise" | "none"}``.
-      grads: per step, ``{name: clipped gradient}`` (float32 NumPy arrays).
+      grads: per step, ``{name: clipped gradient}`` (float32 NumPy arrays);
+        empty for an end-to-end run.
     """
 
     labels: tuple[str, ...]
     stats: list[dict[str, dict[str, float]]]
     branches: list[dict[str, str]]
     grads: list[dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchClipper:
+    """A PyTorch implementation of the reference clipper: its two classes.
+
+    Attributes:
+      clipper: the ``PerModuleGradClipper`` class (``clipper(options=...)``,
+        ``attach``, ``on_train_begin``, ``on_before_optimizer_step(step=t)``
+        returning one ``{"module", "norm", "lower", "upper", "scale"}`` dict
+        per group, ``on_step_end``, ``module_ema``, ``mod2params``).
+      options: the ``PerModuleGradNormOptions`` class (the reference's option
+        names as keywords).
+      origin: where the classes come from, for the report.
+    """
+
+    clipper: Any
+    options: Any
+    origin: str
+
+
+#: The bundled reference, :mod:`aggc_optax.torch_reference`.
+BUNDLED = TorchClipper(PerModuleGradClipper, PerModuleGradNormOptions, "aggc_optax.torch_reference")
+
+#: What an upstream ``grad_clip.py`` must define for ``--upstream``.
+UPSTREAM_INTERFACE = {
+    "PerModuleGradNormOptions": (),
+    "PerModuleGradClipper": ("attach", "on_train_begin", "on_before_optimizer_step", "on_step_end"),
+}
+
+
+def load_upstream(path: str | os.PathLike[str]) -> TorchClipper:
+    """Loads the authors' ``grad_clip.py`` (or any file with its interface) from ``path``.
+
+    The file is imported at run time from where it lies (it is never copied);
+    it must define ``PerModuleGradNormOptions`` and ``PerModuleGradClipper``
+    with the methods of :data:`UPSTREAM_INTERFACE`. In the authors' repository
+    it is ``GRPO/verl/utils/grad_clip.py``.
+
+    Args:
+      path: the file.
+
+    Returns:
+      A :class:`TorchClipper`.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ImportError: the file fails to import, or lacks the interface (the
+        message names what is missing).
+
+    Example:
+      >>> from aggc_optax import parity, torch_reference
+      >>> parity.load_upstream(torch_reference.__file__).clipper.__name__
+      'PerModuleGradClipper'
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--upstream: no file at {path!r} (give the path of grad_clip.py)")
+    # one module name per file, so two upstream files can be loaded side by side
+    name = f"aggc_optax_upstream_{abs(hash(os.path.realpath(path))):x}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"--upstream: {path!r} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # registered while it runs: dataclasses look their module up in sys.modules
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise ImportError(f"--upstream: importing {path!r} failed: {err!r}") from err
+    missing = []
+    for name, methods in UPSTREAM_INTERFACE.items():
+        cls = getattr(module, name, None)
+        if not isinstance(cls, type):
+            missing.append(f"class {name}")
+            continue
+        missing.extend(f"{name}.{m}" for m in methods if not callable(getattr(cls, m, None)))
+    if missing:
+        raise ImportError(
+            f"--upstream: {path!r} does not have the interface of the authors' grad_clip.py "
+            f"(GRPO/verl/utils/grad_clip.py): missing {', '.join(missing)}"
+        )
+    return TorchClipper(module.PerModuleGradClipper, module.PerModuleGradNormOptions, path)
 
 
 def cuda_available() -> bool:
@@ -385,25 +482,73 @@ def _devices(device: str) -> tuple[torch.device, Any]:
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
-def _mirror_module(names_shapes: Mapping[str, tuple[int, ...]], device: Any) -> torch.nn.Module:
-    """A torch module whose ``named_parameters()`` are exactly the given dotted names."""
-    root = torch.nn.Module()
-    for name, shape in names_shapes.items():
-        *path, leaf = name.split(".")
-        module = root
-        for part in path:
-            child = module._modules.get(part)
-            if child is None:
-                child = torch.nn.Module()
-                module.add_module(part, child)
-            module = child
-        module.register_parameter(
-            leaf, torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
-        )
-    got = {n for n, _ in root.named_parameters()}
-    if got != set(names_shapes):
-        raise AssertionError(f"mirror module has parameters {sorted(got ^ set(names_shapes))}")
-    return root
+def _report_branch(row: Mapping[str, Any], options: Mapping[str, Any]) -> str:
+    # For a clipper that does not say which branch it took (the authors' does
+    # not): the branch that its reported norm and bounds select (spec 4.2).
+    norm, lower, upper = float(row["norm"]), float(row["lower"]), float(row["upper"])
+    if upper > 0 and norm > upper + 1e-12:
+        return "down"
+    if options.get("raise_small", False) and lower > 0 and norm < lower - 1e-12:
+        return "raise"
+    return "none"
+
+
+def _torch_loop(
+    impl: TorchClipper,
+    options: Mapping[str, Any],
+    module: torch.nn.Module,
+    steps: int,
+    *,
+    total_steps: int | None,
+    backward: Callable[[int], None],
+    after_clip: Callable[[int], None],
+) -> StepRun:
+    """The training loop every PyTorch run uses, with ``impl``'s clipper on ``module``.
+
+    Per step ``t``: gradients reset, ``backward(t)`` (the hooks see it), the
+    clip, ``after_clip(t)`` (an optimizer step, or recording the gradients),
+    the step's statistics and branches, ``on_step_end(t)``.
+    """
+    clipper = impl.clipper(options=impl.options(**options))
+    clipper.attach(module)
+    if total_steps:
+        clipper.on_train_begin(total_steps)
+    run = StepRun(tuple(clipper.mod2params), [], [], [])
+    try:
+        for t in range(steps):
+            for p in module.parameters():
+                p.grad = None
+            backward(t)
+            report = clipper.on_before_optimizer_step(step=t)
+            if not isinstance(report, list) or any(
+                not isinstance(r, Mapping) or not {"module", *_STATS[:4]} <= set(r) for r in report
+            ):
+                raise TypeError(
+                    f"{impl.origin}: on_before_optimizer_step must return one dict per group "
+                    f"with keys module, norm, lower, upper, scale; got {report!r:.200}"
+                )
+            after_clip(t)
+            run.stats.append(
+                {
+                    r["module"]: {
+                        **{k: float(r[k]) for k in _STATS[:4]},
+                        "ema": float(clipper.module_ema[r["module"]]),
+                    }
+                    for r in report
+                }
+            )
+            named = getattr(clipper, "last_branches", None)
+            run.branches.append(
+                dict(named)
+                if named is not None
+                else {r["module"]: _report_branch(r, options) for r in report}
+            )
+            clipper.on_step_end(t)
+    finally:
+        close = getattr(clipper, "close", None)
+        if callable(close):
+            close()
+    return run
 
 
 def run_reference(
@@ -412,45 +557,58 @@ def run_reference(
     *,
     total_steps: int | None,
     device: str = "cpu",
+    impl: TorchClipper = BUNDLED,
 ) -> StepRun:
-    """Runs a trajectory through the PyTorch reference.
+    """Runs a trajectory through a PyTorch reference (by default the bundled one).
 
     Each step's gradients come from a real ``backward()`` of
     :math:`\\sum_i \\langle p_i, G_i \\rangle`, whose gradient is exactly
     :math:`G_i` (non-finite entries included), so the reference's hooks see
     them as they would in training.
+
+    Args:
+      options: the reference's options.
+      trajectory: one ``{name: gradient}`` per step.
+      total_steps: for ``on_train_begin`` (``None``: not called).
+      device: ``"cpu"`` or ``"cuda"``.
+      impl: the clipper to run (:data:`BUNDLED`, or :func:`load_upstream`'s).
     """
     torch_device, _ = _devices(device)
-    module = _mirror_module({n: g.shape for n, g in trajectory[0].items()}, torch_device)
+    module = mirror_module({n: g.shape for n, g in trajectory[0].items()}, device=torch_device)
     params = dict(module.named_parameters())
-    clipper = PerModuleGradClipper(options=PerModuleGradNormOptions(**options))
-    clipper.attach(module)
-    if total_steps:
-        clipper.on_train_begin(total_steps)
-    run = StepRun(tuple(clipper.mod2params), [], [], [])
-    try:
-        for t, grads in enumerate(trajectory):
-            for p in params.values():
-                p.grad = None
-            targets = {n: torch.as_tensor(g, device=torch_device) for n, g in grads.items()}
-            loss = sum((params[n] * targets[n]).sum() for n in params)
-            loss.backward()
-            report = clipper.on_before_optimizer_step(step=t)
-            run.stats.append(
-                {
-                    r["module"]: {
-                        **{k: float(r[k]) for k in ("norm", "lower", "upper", "scale")},
-                        "ema": float(clipper.module_ema[r["module"]]),
-                    }
-                    for r in report
-                }
-            )
-            run.branches.append(dict(clipper._last_branches))
-            run.grads.append({n: p.grad.detach().cpu().numpy().copy() for n, p in params.items()})
-            clipper.on_step_end(t)
-    finally:
-        clipper.close()
+    grads: list[dict[str, np.ndarray]] = []
+
+    def backward(t: int) -> None:
+        targets = {n: torch.as_tensor(g, device=torch_device) for n, g in trajectory[t].items()}
+        sum((params[n] * targets[n]).sum() for n in params).backward()  # type: ignore[union-attr]  # a sum over a non-empty dict is a Tensor
+
+    def record(t: int) -> None:
+        grads.append({n: p.grad.detach().cpu().numpy().copy() for n, p in params.items()})  # type: ignore[union-attr]  # backward() set every grad
+
+    run = _torch_loop(
+        impl,
+        options,
+        module,
+        len(trajectory),
+        total_steps=total_steps,
+        backward=backward,
+        after_clip=record,
+    )
+    run.grads = grads
     return run
+
+
+def _jax_step_record(opt_state: Any, run: StepRun, counts: dict[str, tuple[int, int]]) -> None:
+    # The step's statistics, and its branch from the counters' increments.
+    stats = jax.device_get(group_stats(opt_state))
+    run.stats.append({k: {f: float(stats[k][f]) for f in _STATS} for k in run.labels})
+    branches = {}
+    for k in run.labels:
+        down, up = int(stats[k]["clip_down_count"]), int(stats[k]["raise_count"])
+        before = counts.get(k, (0, 0))
+        branches[k] = "down" if down > before[0] else "raise" if up > before[1] else "none"
+        counts[k] = (down, up)
+    run.branches.append(branches)
 
 
 def run_jax(
@@ -476,22 +634,12 @@ def run_jax(
         params = jax.device_put(params, jax_device)
         state = jax.device_put(tx.init(params), jax_device)
         update = jax.jit(tx.update)
-        labels = tuple(group_stats(state))
-        run = StepRun(labels, [], [], [])
-        counts = {k: (0, 0) for k in labels}
+        run = StepRun(tuple(group_stats(state)), [], [], [])
+        counts: dict[str, tuple[int, int]] = {}
         for grads in trajectory:
             device_grads = {n: jax.device_put(g, jax_device) for n, g in grads.items()}
             updates, state = update(device_grads, state, params)
-            stats = jax.device_get(group_stats(state))
-            run.stats.append({k: {f: float(stats[k][f]) for f in _STATS} for k in labels})
-            branches = {}
-            for k in labels:
-                down, up = int(stats[k]["clip_down_count"]), int(stats[k]["raise_count"])
-                branches[k] = (
-                    "down" if down > counts[k][0] else "raise" if up > counts[k][1] else "none"
-                )
-                counts[k] = (down, up)
-            run.branches.append(branches)
+            _jax_step_record(state, run, counts)
             run.grads.append({n: np.asarray(u) for n, u in jax.device_get(updates).items()})
     return run
 
@@ -515,12 +663,22 @@ def relative_difference(a: Any, b: Any) -> np.ndarray:
     return np.where(same, 0.0, diff)
 
 
+def _absolute_difference(a: Any, b: Any) -> np.ndarray:
+    # |a - b|, 0 for equal values (equal infinities, two NaNs), inf otherwise when non-finite
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(all="ignore"):
+        diff = np.abs(a - b)
+    return np.where(same, 0.0, np.where(np.isnan(diff), np.inf, diff))
+
+
 # -- comparing -------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class ParityResult:
-    """The comparison of the two implementations on one configuration.
+    """The comparison of two implementations on one configuration.
 
     Attributes:
       name: the configuration.
@@ -532,11 +690,13 @@ class ParityResult:
       worst: per quantity of :data:`QUANTITIES`, ``(worst relative difference,
         step, group label or parameter name)``.
       branch_counts: how often the reference took each branch.
-      branch_mismatches: ``(step, label, reference branch, JAX branch)`` for every disagreement.
+      branch_mismatches: ``(step, label, reference branch, other branch)`` for every disagreement.
       problems: structural disagreements (different labels), empty when none.
       nonfinite: how many reference statistics (norm, bounds, scale, EMA) and
         clipped gradient entries were NaN or infinite; each must match exactly.
       seconds: wall time of the run.
+      worst_abs: per quantity of :data:`QUANTITIES`, the worst absolute difference.
+      upstream: with ``upstream=`` in :func:`run_parity`, the three-way comparison.
     """
 
     name: str
@@ -551,18 +711,24 @@ class ParityResult:
     problems: list[str]
     nonfinite: int = 0
     seconds: float = 0.0
+    worst_abs: dict[str, float] = dataclasses.field(default_factory=dict)
+    upstream: ThreeWay | None = None
 
     @property
     def ok(self) -> bool:
-        """No branch mismatch, no structural problem, every difference within tolerance."""
+        """No branch mismatch, no structural problem, every difference within tolerance.
+
+        With a three-way comparison, every pair must pass too.
+        """
         return (
             not self.problems
             and not self.branch_mismatches
             and all(v <= self.tolerance for v, _, _ in self.worst.values())
+            and (self.upstream is None or self.upstream.ok)
         )
 
     def table(self) -> str:
-        """The result as a plain-text table."""
+        """The result as a plain-text table (and the three-way table, if any)."""
         lines = [
             f"== {self.name}: {self.description}",
             f"   device {self.device} | {self.steps} steps | {len(self.labels)} groups | "
@@ -586,6 +752,8 @@ class ParityResult:
         for step, label, ref, jx in self.branch_mismatches[:5]:
             lines.append(f"     step {step} {label}: reference {ref}, jax {jx}")
         lines.extend(f"   problem: {p}" for p in self.problems)
+        if self.upstream is not None:
+            lines.append(self.upstream.table())
         lines.append(f"   {'result':<15} {'PASS' if self.ok else 'FAIL':>14}")
         return "\n".join(lines)
 
@@ -599,36 +767,44 @@ def compare_runs(
     device: str = "cpu",
     tolerance: float = TOLERANCE,
 ) -> ParityResult:
-    """Compares two :class:`StepRun` of the same trajectory, group by group (by label)."""
+    """Compares two :class:`StepRun` of the same steps, group by group (by label).
+
+    Clipped gradients are compared where ``reference`` recorded them.
+    """
     worst = {q: (0.0, 0, "-") for q in QUANTITIES}
+    worst_abs = dict.fromkeys(QUANTITIES, 0.0)
     problems = []
     if set(reference.labels) != set(other.labels):
         problems.append(
-            f"groups differ: reference {list(reference.labels)}, jax {list(other.labels)}"
+            f"groups differ: reference {list(reference.labels)}, other {list(other.labels)}"
         )
     labels = [k for k in reference.labels if k in other.labels]
-    mismatches, counts = [], collections.Counter()
+    mismatches, counts = [], collections.Counter[str]()
     nonfinite = 0
 
-    def note(quantity: str, diff: np.ndarray, step: int, where: str) -> None:
+    def note(quantity: str, a: Any, b: Any, step: int, where: str) -> None:
+        diff = relative_difference(a, b)
         value = float(np.max(diff)) if diff.size else 0.0
         if value > worst[quantity][0]:
             worst[quantity] = (value, step, where)
+        absolute = _absolute_difference(a, b)
+        worst_abs[quantity] = max(worst_abs[quantity], float(np.max(absolute, initial=0.0)))
 
     for t, (rs, os_) in enumerate(zip(reference.stats, other.stats)):
         for k in labels:
             for f in _STATS:
-                note(f, relative_difference(rs[k][f], os_[k][f]), t, k)
+                note(f, rs[k][f], os_[k][f], t, k)
                 nonfinite += not math.isfinite(rs[k][f])
             ref_branch, other_branch = reference.branches[t][k], other.branches[t][k]
             counts[ref_branch] += 1
             if ref_branch != other_branch:
                 mismatches.append((t, k, ref_branch, other_branch))
-        for n, g in reference.grads[t].items():
-            if n not in other.grads[t]:
-                problems.append(f"step {t}: leaf {n} missing on the JAX side")
+    for t, (rg, og) in enumerate(zip(reference.grads, other.grads)):
+        for n, g in rg.items():
+            if n not in og:
+                problems.append(f"step {t}: leaf {n} missing on the other side")
                 continue
-            note("clipped grads", relative_difference(g, other.grads[t][n]), t, n)
+            note("clipped grads", g, og[n], t, n)
             nonfinite += int(np.count_nonzero(~np.isfinite(g)))
     return ParityResult(
         name=name,
@@ -642,7 +818,47 @@ def compare_runs(
         branch_mismatches=mismatches,
         problems=problems,
         nonfinite=nonfinite,
+        worst_abs=worst_abs,
     )
+
+
+#: The pairs of the three-way table, in order.
+PAIRS = (("bundled", "jax"), ("upstream", "bundled"), ("upstream", "jax"))
+
+
+@dataclasses.dataclass
+class ThreeWay:
+    """The authors' clipper, the bundled reference and the JAX port, pairwise.
+
+    Attributes:
+      origin: the upstream file.
+      pairs: per pair of :data:`PAIRS`, the :class:`ParityResult` of the first
+        against the second.
+    """
+
+    origin: str
+    pairs: dict[tuple[str, str], ParityResult]
+
+    @property
+    def ok(self) -> bool:
+        """Every pair passes."""
+        return all(r.ok for r in self.pairs.values())
+
+    def table(self) -> str:
+        """The three-way table: worst absolute and relative difference over every
+        quantity, and the branch agreement, per pair."""
+        lines = [
+            f"   three-way (upstream: {self.origin})",
+            f"   {'pair':<20} {'max abs diff':>12} {'max rel diff':>12}  branches agree",
+        ]
+        for (a, b), r in self.pairs.items():
+            total = sum(r.branch_counts.values())
+            lines.append(
+                f"   {a + ' vs ' + b:<20} {max(r.worst_abs.values()):>12.2e} "
+                f"{max(v for v, _, _ in r.worst.values()):>12.2e}  "
+                f"{total - len(r.branch_mismatches)}/{total}" + ("" if r.ok else "  FAIL")
+            )
+        return "\n".join(lines)
 
 
 def run_parity(
@@ -654,8 +870,9 @@ def run_parity(
     tolerance: float | None = None,
     jax_options: Mapping[str, Any] | None = None,
     x64: bool = False,
+    upstream: TorchClipper | None = None,
 ) -> ParityResult:
-    """Runs one configuration through both implementations and compares them.
+    """Runs one configuration through the implementations and compares them.
 
     Args:
       config: a name of :data:`CONFIGS` or a :class:`ParityConfig`.
@@ -670,9 +887,13 @@ def run_parity(
         (``make_trajectory(exact=True)``): the two must then agree to
         :data:`X64_TOLERANCE`, which shows that float32 rounding is the only
         difference in the default mode.
+      upstream: the authors' clipper (:func:`load_upstream`), run on the same
+        trajectory; the result then carries a :class:`ThreeWay` comparison,
+        and each pair must agree to ``tolerance`` with identical branches.
 
     Returns:
-      A :class:`ParityResult`; ``result.ok`` and ``print(result.table())``.
+      A :class:`ParityResult` (bundled reference against JAX); ``result.ok``
+      and ``print(result.table())``.
     """
     if isinstance(config, str):
         if config not in CONFIGS:
@@ -683,22 +904,35 @@ def run_parity(
         tolerance = X64_TOLERANCE if x64 else TOLERANCE
     trajectory = make_trajectory(steps, seed=seed, nonfinite=config.nonfinite, exact=x64)
     total = steps if config.pass_total_steps else None
-    ref = run_reference(config.options, trajectory, total_steps=total, device=device)
-    other = run_jax(
+    runs = {"bundled": run_reference(config.options, trajectory, total_steps=total, device=device)}
+    runs["jax"] = run_jax(
         config.options if jax_options is None else jax_options,
         trajectory,
         total_steps=total,
         device=device,
         x64=x64,
     )
-    result = compare_runs(
-        ref,
-        other,
-        name=config.name + (" (x64)" if x64 else ""),
-        description=config.description,
-        device=device,
-        tolerance=tolerance,
-    )
+    if upstream is not None:
+        runs["upstream"] = run_reference(
+            config.options, trajectory, total_steps=total, device=device, impl=upstream
+        )
+    name = config.name + (" (x64)" if x64 else "")
+    pairs = {
+        (a, b): compare_runs(
+            runs[a],
+            runs[b],
+            name=name,
+            description=config.description,
+            device=device,
+            tolerance=tolerance,
+        )
+        for a, b in PAIRS
+        if a in runs and b in runs
+    }
+    # a copy: the three-way table holds the pair itself, without a table of its own
+    result = dataclasses.replace(pairs[PAIRS[0]])
+    if upstream is not None:
+        result.upstream = ThreeWay(upstream.origin, pairs)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -829,10 +1063,10 @@ class _TorchLM(torch.nn.Module):
         self.lm_head = torch.nn.Linear(h, v, bias=False)
 
     def forward(self, tokens: torch.Tensor, weight: float) -> torch.Tensor:
-        x = self.model.embed_tokens(tokens[:, :-1])
-        for layer in self.model.layers:
+        x = self.model.embed_tokens(tokens[:, :-1])  # type: ignore[operator]  # submodules set on a bare Module
+        for layer in self.model.layers:  # type: ignore[union-attr]  # submodules set on a bare Module
             x = layer(x)
-        logits = self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))  # type: ignore[operator]  # submodules set on a bare Module
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         return loss * weight
 
@@ -953,6 +1187,111 @@ class EndToEndResult:
         return "\n".join(lines)
 
 
+def _torch_training(
+    options: Mapping[str, Any],
+    init: Mapping[str, np.ndarray],
+    batches: Sequence[tuple[np.ndarray, float]],
+    torch_device: torch.device,
+) -> tuple[StepRun, list[float], list[dict[str, np.ndarray]]]:
+    """PyTorch with the bundled reference, as a training loop would use it."""
+    model = _TorchLM().to(torch_device)
+    tparams = dict(model.named_parameters())
+    if set(tparams) != set(init):
+        raise AssertionError(f"torch model names differ: {sorted(set(tparams) ^ set(init))}")
+    with torch.no_grad():
+        # its random init is overwritten by the shared weights
+        for n, p in tparams.items():
+            p.copy_(torch.as_tensor(init[n]))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=_ADAMW["lr"],
+        betas=(_ADAMW["b1"], _ADAMW["b2"]),
+        eps=_ADAMW["eps"],
+        weight_decay=_ADAMW["weight_decay"],
+    )
+    losses: list[float] = []
+    params: list[dict[str, np.ndarray]] = []
+
+    def backward(t: int) -> None:
+        tokens, weight = batches[t]
+        loss = model(torch.as_tensor(tokens, device=torch_device), weight)
+        loss.backward()
+        losses.append(float(loss.item()))
+
+    def optimizer_step(t: int) -> None:
+        opt.step()
+        params.append({n: p.detach().cpu().numpy().copy() for n, p in tparams.items()})
+
+    run = _torch_loop(
+        BUNDLED,
+        options,
+        model,
+        len(batches),
+        total_steps=len(batches),
+        backward=backward,
+        after_clip=optimizer_step,
+    )
+    return run, losses, params
+
+
+def _jax_training(
+    options: Mapping[str, Any],
+    init: Mapping[str, np.ndarray],
+    batches: Sequence[tuple[np.ndarray, float]],
+    jax_device: Any,
+) -> tuple[StepRun, list[float], list[dict[str, np.ndarray]]]:
+    """JAX with aggc_optax, the same model, weights and batches."""
+    with jax.default_device(jax_device):
+        tx = optax.chain(
+            from_reference_options(dict(options), total_steps=len(batches)),
+            optax.adamw(
+                _ADAMW["lr"],
+                b1=_ADAMW["b1"],
+                b2=_ADAMW["b2"],
+                eps=_ADAMW["eps"],
+                weight_decay=_ADAMW["weight_decay"],
+            ),
+        )
+        params = {n: jax.device_put(w, jax_device) for n, w in init.items()}
+        # Committed to the device like the jitted outputs, so there is one compile.
+        opt_state = jax.device_put(tx.init(params), jax_device)
+
+        @jax.jit
+        def train_step(params, opt_state, tokens, weight):
+            loss, grads = jax.value_and_grad(_jax_loss)(params, tokens, weight)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        run = StepRun(tuple(group_stats(opt_state)), [], [], [])
+        losses, history = [], []
+        counts: dict[str, tuple[int, int]] = {}
+        for tokens, weight in batches:
+            params, opt_state, loss = train_step(
+                params,
+                opt_state,
+                jax.device_put(tokens.astype(np.int32), jax_device),
+                jax.device_put(np.float32(weight), jax_device),
+            )
+            losses.append(float(loss))
+            _jax_step_record(opt_state, run, counts)
+            history.append({n: np.asarray(w) for n, w in jax.device_get(params).items()})
+    return run, losses, history
+
+
+def _worst_param(
+    torch_params: Sequence[Mapping[str, np.ndarray]], jax_params: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[float, str]:
+    # max |p_torch - p_jax| / max |p_torch| over steps, and the parameter where it is
+    worst = (0.0, "-")
+    for pt, pj in zip(torch_params, jax_params):
+        for n, w in pt.items():
+            scale = float(np.max(np.abs(w)))
+            diff = float(np.max(np.abs(w.astype(np.float64) - pj[n]))) / max(scale, 1e-30)
+            if not diff <= worst[0]:
+                worst = (diff if math.isfinite(diff) else math.inf, n)
+    return worst
+
+
 def run_end_to_end(
     config: str = "lora_sft",
     *,
@@ -986,125 +1325,22 @@ def run_end_to_end(
     start = time.perf_counter()
     init = _e2e_init(seed)
     batches = _e2e_batches(steps, seed)
-
     with _full_float32_matmuls():
-        # PyTorch, with the reference clipper, as a training loop would use it
-        # (its random init is overwritten by the shared weights).
-        model = _TorchLM().to(torch_device)
-        tparams = dict(model.named_parameters())
-        if set(tparams) != set(init):
-            raise AssertionError(f"torch model names differ: {sorted(set(tparams) ^ set(init))}")
-        with torch.no_grad():
-            for n, p in tparams.items():
-                p.copy_(torch.as_tensor(init[n]))
-        opt = torch.optim.AdamW(
-            model.parameters(),
-            lr=_ADAMW["lr"],
-            betas=(_ADAMW["b1"], _ADAMW["b2"]),
-            eps=_ADAMW["eps"],
-            weight_decay=_ADAMW["weight_decay"],
-        )
-        clipper = PerModuleGradClipper(options=PerModuleGradNormOptions(**options))
-        clipper.attach(model)
-        clipper.on_train_begin(steps)
-        losses_t, stats_t, branches_t, params_t = [], [], [], []
-        try:
-            for t, (tokens, weight) in enumerate(batches):
-                opt.zero_grad(set_to_none=True)
-                loss = model(torch.as_tensor(tokens, device=torch_device), weight)
-                loss.backward()
-                report = clipper.on_before_optimizer_step(step=t)
-                opt.step()
-                stats_t.append(
-                    {
-                        r["module"]: {
-                            **{k: r[k] for k in ("norm", "lower", "upper", "scale")},
-                            "ema": clipper.module_ema[r["module"]],
-                        }
-                        for r in report
-                    }
-                )
-                branches_t.append(dict(clipper._last_branches))
-                clipper.on_step_end(t)
-                losses_t.append(float(loss.item()))
-                params_t.append({n: p.detach().cpu().numpy().copy() for n, p in tparams.items()})
-        finally:
-            clipper.close()
-
-        # JAX, with aggc_optax.
-        with jax.default_device(jax_device):
-            tx = optax.chain(
-                from_reference_options(dict(options), total_steps=steps),
-                optax.adamw(
-                    _ADAMW["lr"],
-                    b1=_ADAMW["b1"],
-                    b2=_ADAMW["b2"],
-                    eps=_ADAMW["eps"],
-                    weight_decay=_ADAMW["weight_decay"],
-                ),
-            )
-            params = {n: jax.device_put(w, jax_device) for n, w in init.items()}
-            # Committed to the device like the jitted outputs, so there is one compile.
-            opt_state = jax.device_put(tx.init(params), jax_device)
-
-            @jax.jit
-            def train_step(params, opt_state, tokens, weight):
-                loss, grads = jax.value_and_grad(_jax_loss)(params, tokens, weight)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, loss
-
-            losses_j, stats_j, branches_j, params_j = [], [], [], []
-            counts: dict[str, tuple[int, int]] = {}
-            for tokens, weight in batches:
-                params, opt_state, loss = train_step(
-                    params,
-                    opt_state,
-                    jax.device_put(tokens.astype(np.int32), jax_device),
-                    jax.device_put(np.float32(weight), jax_device),
-                )
-                losses_j.append(float(loss))
-                stats = jax.device_get(group_stats(opt_state))
-                stats_j.append({k: {f: float(v[f]) for f in _STATS} for k, v in stats.items()})
-                branch = {}
-                for k, v in stats.items():
-                    down, up = int(v["clip_down_count"]), int(v["raise_count"])
-                    before = counts.get(k, (0, 0))
-                    branch[k] = (
-                        "down" if down > before[0] else "raise" if up > before[1] else "none"
-                    )
-                    counts[k] = (down, up)
-                branches_j.append(branch)
-                params_j.append({n: np.asarray(w) for n, w in jax.device_get(params).items()})
-
-    worst_loss = float(np.max(relative_difference(losses_t, losses_j)))
-    worst_param = (0.0, "-")
-    for pt, pj in zip(params_t, params_j):
-        for n, w in pt.items():
-            scale = float(np.max(np.abs(w)))
-            diff = float(np.max(np.abs(w.astype(np.float64) - pj[n]))) / max(scale, 1e-30)
-            if not diff <= worst_param[0]:
-                worst_param = (diff if math.isfinite(diff) else math.inf, n)
-    worst_stats = dict.fromkeys(_STATS, 0.0)
-    mismatches, branch_counts = [], collections.Counter()
-    for t, (st, sj) in enumerate(zip(stats_t, stats_j)):
-        for k in st:
-            for f in _STATS:
-                value = float(relative_difference(st[k][f], sj.get(k, {}).get(f, np.nan)))
-                worst_stats[f] = max(worst_stats[f], value)
-            branch_counts[branches_t[t][k]] += 1
-            if branches_t[t][k] != branches_j[t].get(k):
-                mismatches.append((t, k, branches_t[t][k], branches_j[t].get(k, "missing")))
+        run_t, losses_t, params_t = _torch_training(options, init, batches, torch_device)
+        run_j, losses_j, params_j = _jax_training(options, init, batches, jax_device)
+    stats = compare_runs(run_t, run_j, tolerance=tolerance)
     return EndToEndResult(
         name=f"e2e-{config}",
         device=device,
         steps=steps,
         losses_torch=losses_t,
         losses_jax=losses_j,
-        worst_loss=worst_loss,
-        worst_param=worst_param,
-        worst_stats=worst_stats,
-        branch_counts=dict(branch_counts),
-        branch_mismatches=mismatches,
+        worst_loss=float(np.max(relative_difference(losses_t, losses_j))),
+        worst_param=_worst_param(params_t, params_j),
+        # a group missing on one side is an infinite difference
+        worst_stats={f: math.inf if stats.problems else stats.worst[f][0] for f in _STATS},
+        branch_counts=stats.branch_counts,
+        branch_mismatches=stats.branch_mismatches,
         tolerance=tolerance,
         seconds=time.perf_counter() - start,
     )
@@ -1132,7 +1368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
       0 when every configuration passes, 1 when any fails (a branch mismatch or
       a difference above tolerance), 2 on a usage error (unknown config, no
-      CUDA device).
+      CUDA device, an ``--upstream`` file that is missing or lacks the interface).
     """
     parser = argparse.ArgumentParser(
         prog="python -m aggc_optax.parity",
@@ -1151,6 +1387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"steps per run (default {DEFAULT_STEPS}; end to end {DEFAULT_E2E_STEPS})",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--upstream",
+        metavar="PATH",
+        default=None,
+        help="the authors' grad_clip.py (GRPO/verl/utils/grad_clip.py in their repository): "
+        "trajectories also run through it, with a three-way table",
+    )
     parser.add_argument(
         "--x64",
         action="store_true",
@@ -1176,10 +1419,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
 
+    upstream = None
+    if args.upstream is not None:
+        try:
+            upstream = load_upstream(args.upstream)
+        except (OSError, ImportError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     print(
         f"aggc_optax parity | torch {torch.__version__} | jax {jax.__version__} | "
         f"jax backend {jax.default_backend()} | jax statistics in "
-        f"{'float64 (--x64)' if args.x64 or jax.config.jax_enable_x64 else 'float32'}"
+        f"{'float64 (--x64)' if args.x64 or jax.config.jax_enable_x64 else 'float32'}"  # type: ignore[attr-defined]  # jax.config flags are set at run time
     )
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(0)} | jax {jax.devices('gpu')[0].device_kind}")
@@ -1192,6 +1442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 seed=args.seed,
                 x64=args.x64,
+                upstream=upstream,
             )
         else:
             result = run_end_to_end(

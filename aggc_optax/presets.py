@@ -134,6 +134,22 @@ def lora_sft(total_steps: int | None, **overrides: Any) -> optax.GradientTransfo
     (the reference would disable it for the rest of the run, §8). With
     ``nonfinite="reference"`` it is the reference in that case too.
 
+    This is the recipe as meant: one clip per optimizer step (with
+    ``param_labels=aggc_optax.lora_label`` for the LoRA script's groups). The
+    authors' LoRA runs did something else: their Hugging Face callback's
+    per-step clip is never called by the ``Trainer``, and it clipped only from
+    ``on_substep_end``, part of an accumulated gradient on some steps
+    (docs/differences.md; :func:`aggc_optax.lora_callback_as_ran` reproduces
+    it). Replayed on 60 optimizer steps of the recipe
+    (``tests/golden/lora_callback/``, 8 groups)::
+
+      | accumulation | scripts | steps clipped | after micro-batch | groups clipped down |
+      |---|---|---|---|---|
+      | 1 | none | 0 of 60 | never | none checked |
+      | 2 | metamath | 30 of 60 (every other step) | 1 of 2 | 173 of 240 checked |
+      | 4 | conversation, code | 45 of 60 | 1, 2 or 3 of 4 (15 steps each) | 264 of 360 checked |
+      | as meant | | 60 of 60 | the last (the whole step) | 298 of 480 checked |
+
     Args:
       total_steps: the run's number of optimizer steps (what the LoRA script's
         callback reads from the trainer's ``max_steps``); ``None`` or 0 leaves

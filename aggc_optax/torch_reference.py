@@ -60,7 +60,7 @@ import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -72,6 +72,7 @@ __all__ = [
     "PerModuleGradClipper",
     "PerModuleGradNormOptions",
     "layer_id",
+    "mirror_module",
     "module_label",
 ]
 
@@ -238,6 +239,59 @@ class PerModuleGradNormOptions:
             )
 
 
+def mirror_module(
+    names_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Any = None,
+    init: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+) -> torch.nn.Module:
+    """A ``torch.nn.Module`` whose ``named_parameters()`` are exactly the given dotted names.
+
+    Lets a flat ``{name: array}`` tree (a JAX tree keyed by dotted names) be
+    clipped by the reference: the submodules are plain ``torch.nn.Module``
+    containers, created in the order the names first need them, and the
+    parameters are registered in the order given; ``named_parameters()``
+    yields them module by module, as torch does (the given order when the
+    names of each module are consecutive).
+
+    Args:
+      names_shapes: ``{dotted name: shape}``.
+      dtype: the parameters' dtype.
+      device: where the parameters live (``None``: torch's default device).
+      init: ``init(shape)`` gives each parameter's initial value (called in
+        order; cast to ``dtype`` and moved to ``device``); ``None``: zeros.
+
+    Returns:
+      The module.
+
+    Example:
+      >>> m = mirror_module({"model.layers.0.q_proj.weight": (2, 3), "lm_head.weight": (4, 3)})
+      >>> [(n, tuple(p.shape)) for n, p in m.named_parameters()]
+      [('model.layers.0.q_proj.weight', (2, 3)), ('lm_head.weight', (4, 3))]
+    """
+    root = torch.nn.Module()
+    for name, shape in names_shapes.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            child = module._modules.get(part)
+            if child is None:
+                child = torch.nn.Module()
+                module.add_module(part, child)
+            module = child
+        shape = tuple(shape)
+        value = torch.zeros(shape) if init is None else init(shape)
+        module.register_parameter(leaf, torch.nn.Parameter(value.to(dtype=dtype, device=device)))
+    got = {n for n, _ in root.named_parameters()}
+    if got != set(names_shapes):
+        raise ValueError(
+            "mirror_module: these names cannot all be parameters of one module: "
+            f"{sorted(got ^ set(names_shapes))}"
+        )
+    return root
+
+
 def _float32_sum_of_squares(grad: torch.Tensor) -> float:
     # Spec 3: the per-tensor sum is a float32 reduction of the float32 cast;
     # only the sum across tensors is done in Python floats.
@@ -269,6 +323,12 @@ class PerModuleGradClipper:
       mod2params: group label -> the group's parameters, in group order (order
         of first appearance in ``named_parameters()``).
       total_steps: as given to :meth:`on_train_begin` (0 until then).
+      last_branches: group label -> the branch the last
+        :meth:`on_before_optimizer_step` took for it: ``"down"`` (clipped
+        down), ``"raise"`` (raised) or ``"none"`` (untouched); empty before the
+        first step and while disabled. The authors' clipper does not report
+        this; tests and the parity harness read it here instead of deriving
+        the branch from the bounds again.
     """
 
     def __init__(self, *, options: PerModuleGradNormOptions, local_rank: int = 0) -> None:
@@ -294,7 +354,7 @@ class PerModuleGradClipper:
         # What the last on_before_optimizer_step saw, for the logs and the harness.
         self._last_step: int | None = None
         self._last_report: list[dict[str, Any]] = []
-        self._last_branches: dict[str, str] = {}
+        self.last_branches: dict[str, str] = {}
         self._last_norms: dict[str, float] = {}
         self._last_layer_norms: dict[int, float] = {}
 
@@ -476,7 +536,7 @@ class PerModuleGradClipper:
             )
         self._last_step = step
         self._last_report = report
-        self._last_branches = branches
+        self.last_branches = branches
         self._last_norms = norms
         self._last_layer_norms = layer_norms
         return report
@@ -516,7 +576,7 @@ class PerModuleGradClipper:
             "grad_per_module.csv": [[step, k, norms[k]] for k in sorted(norms)],
             "grad_per_layer.csv": [[step, k, layer_norms[k]] for k in sorted(layer_norms)],
         }
-        directory = os.fspath(self.options.output_dir)
+        directory = os.fspath(self.options.output_dir)  # type: ignore[arg-type]  # output_dir is set on this path
         os.makedirs(directory, exist_ok=True)
         for filename, columns in CSV_FILES.items():
             if not rows[filename]:

@@ -431,20 +431,15 @@ def _paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
 def _torch_module(tensors: Sequence[tuple[str, tuple[int, ...]]], dtype: Any, device: Any) -> Any:
     import torch
 
-    root = torch.nn.Module()
+    from aggc_optax.torch_reference import mirror_module
+
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for name, shape in tensors:
-        *path, leaf = name.split(".")
-        mod = root
-        for part in path:
-            child = mod._modules.get(part)
-            if child is None:
-                child = torch.nn.Module()
-                mod.add_module(part, child)
-            mod = child
-        value = (0.02 * torch.randn(shape, generator=gen)).to(dtype=dtype, device=device)
-        mod.register_parameter(leaf, torch.nn.Parameter(value))
-    return root
+    return mirror_module(
+        dict(tensors),
+        dtype=dtype,
+        device=device,
+        init=lambda shape: 0.02 * torch.randn(shape, generator=gen),
+    )
 
 
 def run_torch(
@@ -1389,6 +1384,74 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     return parse
 
 
+# --- metrics() for loggers (issue 16) ------------------------------------------------
+METRICS_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "embed_tokens",
+    "lm_head",
+    "norm",
+)
+
+
+def _naive_metrics(state: Any) -> dict[str, float]:
+    # What a user writes without metrics(): one float() (one transfer) per scalar.
+    return {
+        f"aggc/{label}/{field}": float(value)
+        for label, stats in aggc_optax.group_stats(state).items()
+        for field, value in stats.items()
+    }
+
+
+def bench_metrics(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-call time of ``aggc_optax.metrics`` for 12 groups against the naive flattening."""
+    params = {
+        "layers": {
+            str(i): {m: {"weight": jnp.ones((8, 8))} for m in METRICS_MODULES} for i in range(2)
+        }
+    }
+    tx = optax.chain(
+        aggc_optax.aggc(param_labels=lambda name: name.split(".")[2]), optax.adamw(1e-3)
+    )
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(params, state, params)
+    jax.block_until_ready(state)
+    calls = {"metrics": aggc_optax.metrics, "naive": _naive_metrics}
+    n = args.metrics_repeats
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        fn(state)  # compile
+    for _ in range(5):  # alternate, so both see the same machine load
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn(state)
+            times[name].append((time.perf_counter() - t0) / n)
+    best = {name: min(ts) for name, ts in times.items()}
+    row = {
+        "groups": len(METRICS_MODULES),
+        "scalars": len(aggc_optax.metrics(state)),
+        "calls_per_round": n,
+        "metrics_s": best["metrics"],
+        "naive_s": best["naive"],
+        "ratio": best["naive"] / best["metrics"],
+    }
+    print(
+        f"metrics(): {row['groups']} groups, {row['scalars']} scalars: "
+        f"{row['metrics_s'] * 1e3:.3f} ms per call; naive float() per scalar of group_stats: "
+        f"{row['naive_s'] * 1e3:.3f} ms ({row['ratio']:.0f}x slower; best of 5 rounds of {n})",
+        flush=True,
+    )
+    return row
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1433,6 +1496,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="runs/benchmark", help="where the JSON and Markdown go")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument(
+        "--metrics-repeats", type=int, default=None, help="metrics() calls per round (1000)"
+    )
+    p.add_argument(
+        "--metrics-only", action="store_true", help="only time aggc_optax.metrics() and exit"
+    )
+    p.add_argument(
         "--settle",
         type=float,
         default=None,
@@ -1450,6 +1519,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "scaling_repeats": 5 if quick else 30,
         "scaling_compile_repeats": 1 if quick else 2,
         "group_leaves": 48 if quick else 500,
+        "metrics_repeats": 100 if quick else 1000,
         "bandwidth_mib": 64 if quick else (4096 if args.device == "gpu" else 256),
     }
     defaults["settle"] = 0.3 if args.device == "cpu" else 0.0
@@ -1517,6 +1587,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"jax {env['jax']}, optax {env['optax']}, torch {env['torch']}",
         flush=True,
     )
+    if args.metrics_only:
+        return {"metrics_logging": bench_metrics(args)}
     bw = measure_copy_bandwidth(args.bandwidth_mib << 20, repeats=10)
     print(f"copy bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
 
@@ -1539,6 +1611,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for m in ("global", "aggc")
         }
     result["group_scaling"] = bench_group_scaling(args) if args.group_leaves > 0 else None
+    result["metrics_logging"] = bench_metrics(args)
     result["goals"] = evaluate_goals(result)
     result["wall_s"] = time.perf_counter() - start
 

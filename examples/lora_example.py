@@ -35,6 +35,7 @@ import aggc_optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_lm  # the model and the data of the main example
+from progress import Progress
 
 PROJECTIONS = {
     "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -83,6 +84,11 @@ def batches(kinds: Sequence[str], args: argparse.Namespace, seed: int) -> Any:
         )
 
 
+def _status(t: int, total: int, loss: jax.Array) -> str:
+    # reading the loss waits for the device: only every 10th step and the last
+    return f"loss {float(loss):.3f}" if (t + 1) % 10 == 0 or t + 1 == total else ""
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrain-steps", type=int, default=200)
@@ -95,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--problems", type=int, default=5000)
     parser.add_argument("--out", default=None, help="if given, write per_module_clip.csv here")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     for flag in ("pretrain_steps", "steps", "rank"):
         if getattr(args, flag) < 1:
@@ -108,8 +115,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     tx = optax.adamw(3e-3)
     step, opt_state = make_step(graphdef, tx), tx.init(params)
     data = batches(("add", "sub"), args, seed=1)
-    for _ in range(args.pretrain_steps):
+    progress = Progress(args.pretrain_steps, "pretraining", quiet=args.quiet, lines=5)
+    for t in range(args.pretrain_steps):
         params, opt_state, loss = step(params, opt_state, next(data))
+        progress.update(1, _status(t, args.pretrain_steps, loss))
+    progress.close()
     print(f"pretrained on add/sub for {args.pretrain_steps} steps, loss {float(loss):.3f}")
     nnx.update(model, params)
 
@@ -153,10 +163,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.out:
         logger = aggc_optax.CSVLogger(os.path.join(args.out, "per_module_clip.csv"))
     data = batches(("mul",), args, seed=2)
+    progress = Progress(args.steps, "LoRA fine-tuning", quiet=args.quiet, lines=5)
     for t in range(args.steps):
         params, opt_state, loss = step(params, opt_state, next(data))
         if logger is not None:
             logger.log(opt_state, t)
+        progress.update(1, _status(t, args.steps, loss))
+    progress.close()
     if logger is not None:
         logger.close()
     after = float(evaluate(params, held_out))

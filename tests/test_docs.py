@@ -1,14 +1,17 @@
-"""Every ```python block of docs/*.md and of the README runs.
+"""Every ```python block of docs/*.md and of the README runs on its own.
 
-Each file runs in a fresh namespace, its blocks in order (a later block sees
-what earlier ones defined), with the working directory set to a temporary
-folder so nothing lands in the checkout.
+Each block runs alone in a fresh namespace (as a reader copying that one block
+would), with the working directory set to a temporary folder so nothing lands
+in the checkout. The API reference site (Sphinx, docs/conf.py) builds with
+warnings as errors.
 """
 
 import glob
 import linecache
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -46,15 +49,18 @@ def test_fence_parser_finds_only_python_blocks():
     assert FENCE.findall(text) == ["x = 1\n", "y = 2\n"]
 
 
-@pytest.mark.parametrize(
-    "path",
-    [*DOCS, os.path.join(ROOT, "README.md")],
-    ids=lambda p: os.path.relpath(p, ROOT),
-)
-def test_python_blocks_run(path, tmp_path, monkeypatch):
-    blocks = python_blocks(path)
-    if os.path.basename(path) == "README.md":
-        assert blocks, "the README's usage example is a ```python block"
+def _all_blocks():
+    for path in [*DOCS, os.path.join(ROOT, "README.md")]:
+        for line, source in python_blocks(path):
+            yield pytest.param(path, line, source, id=f"{os.path.relpath(path, ROOT)}:{line}")
+
+
+def test_the_readme_has_a_usage_block():
+    assert python_blocks(os.path.join(ROOT, "README.md")), "the README's usage example"
+
+
+@pytest.mark.parametrize(("path", "line", "source"), list(_all_blocks()))
+def test_python_block_runs_alone(path, line, source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     name = os.path.relpath(path, ROOT)
     with open(path, encoding="utf-8") as f:
@@ -62,5 +68,34 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     # Tracebacks then quote the Markdown file's own lines, numbered as in the file.
     linecache.cache[name] = (len(text), None, text.splitlines(True), name)
     namespace = {"__name__": "__docs__"}
-    for line, source in blocks:
-        exec(compile("\n" * (line - 1) + source, name, "exec"), namespace)
+    exec(compile("\n" * (line - 1) + source, name, "exec"), namespace)
+
+
+def test_every_public_name_is_in_the_api_reference():
+    import aggc_optax
+
+    with open(os.path.join(ROOT, "docs", "api", "reference.rst"), encoding="utf-8") as f:
+        reference = f.read()
+    documented = set(re.findall(r"^\.\. auto\w+:: (\w+)", reference, re.MULTILINE))
+    assert set(aggc_optax.__all__) - {"presets"} <= documented
+    with open(os.path.join(ROOT, "docs", "api", "modules.rst"), encoding="utf-8") as f:
+        modules = set(re.findall(r"^\.\. automodule:: aggc_optax\.(\w+)", f.read(), re.MULTILINE))
+    assert modules == {"presets", "csv_log", "plotting", "cli", "parity", "torch_reference"}
+
+
+def test_api_site_builds_without_warnings(tmp_path):
+    pytest.importorskip("sphinx")
+    pytest.importorskip("myst_parser")
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "sphinx", "-b", "html", "-q", "-W", "--keep-going", "-E"),
+            *("-d", str(tmp_path / "doctrees"), os.path.join(ROOT, "docs"), str(tmp_path / "html")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(tmp_path / "html" / "api" / "reference.html", encoding="utf-8") as f:
+        page = f.read()
+    assert "aggc_optax.metrics" in page and "Adaptive Group Gradient Clipping" in page

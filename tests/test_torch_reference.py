@@ -29,9 +29,10 @@ from aggc_optax.torch_reference import (
     PerModuleGradClipper,
     PerModuleGradNormOptions,
     layer_id,
+    mirror_module,
     module_label,
 )
-from tests.spec_model import SPEC_LABEL_TABLE, reference_run, spec_multipliers
+from tests.spec_model import GRPO, LORA, SPEC_LABEL_TABLE, reference_run, spec_multipliers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,17 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def mirror(names_shapes: dict[str, tuple[int, ...]], dtype=torch.float32) -> torch.nn.Module:
-    """A module whose named_parameters() are exactly these dotted names."""
-    root = torch.nn.Module()
-    for name, shape in names_shapes.items():
-        *path, leaf = name.split(".")
-        module = root
-        for part in path:
-            if part not in module._modules:
-                module.add_module(part, torch.nn.Module())
-            module = module._modules[part]
-        module.register_parameter(leaf, torch.nn.Parameter(torch.zeros(shape, dtype=dtype)))
-    return root
+    """A module whose named_parameters() are exactly these dotted names (zeros)."""
+    return mirror_module(names_shapes, dtype=dtype)
 
 
 def backward(model: torch.nn.Module, grads: dict[str, np.ndarray]) -> None:
@@ -485,34 +477,9 @@ MODEL_NAMES = {
 MODEL_GROUPS = {"q_proj": 0, "down_proj": 1, "norm": 2, "lm_head": 3}
 
 MODEL_OPTIONS = {
-    "lora_sft": dict(
-        auto_bounds=True,
-        ema_beta=0.95,
-        low_mult=0.95,
-        high_mult=0.6,
-        min_norm=0.01,
-        bounds_schedule="linear",
-        low_mult_late=0.98,
-        high_mult_late=0.7,
-        bounds_switch_ratio=0.4,
-        bounds_transition_ratio=0.3,
-        max_up_scale=1.1,
-        max_down_scale=0.9,
-    ),
-    "grpo": dict(
-        auto_bounds=True,
-        ema_beta=0.99,
-        low_mult=0.98,
-        high_mult=0.7,
-        raise_small=True,
-        bounds_schedule="linear",
-        low_mult_late=0.98,
-        high_mult_late=0.999,
-        bounds_switch_ratio=0.6,
-        bounds_transition_ratio=0.2,
-        max_up_scale=1.1,
-        max_down_scale=0.9,
-    ),
+    # the recipes as the spec's table gives them (enable comes from clipper_for)
+    "lora_sft": {k: v for k, v in LORA.items() if k != "enable"},
+    "grpo": {k: v for k, v in GRPO.items() if k != "enable"},
     "plain": dict(auto_bounds=True, ema_beta=0.9, low_mult=0.5, high_mult=2.0, raise_small=True),
     "static": dict(auto_bounds=False, min_norm=0.05, max_norm=2.0, raise_small=True, ema_beta=0.7),
     "inverted_caps": dict(
@@ -851,3 +818,41 @@ def test_close_removes_the_hooks():
     assert clipper.on_before_optimizer_step(step=0)[0]["norm"] == 5.0
     with pytest.raises(RuntimeError, match="already attached"):
         clipper.attach(model)
+
+
+# -- the public helpers: last_branches, mirror_module -------------------------------------------
+
+
+def test_last_branches_name_each_groups_branch_of_the_last_step():
+    model = mirror({"a.q_proj.weight": (2,), "a.k_proj.weight": (2,), "a.v_proj.weight": (2,)})
+    clipper = clipper_for(model, auto_bounds=False, min_norm=1.0, max_norm=2.0, raise_small=True)
+    assert clipper.last_branches == {}
+    # norms 5 (above max_norm), 0.5 (below min_norm), 1.5 (inside)
+    grads = {
+        "a.q_proj.weight": [3.0, 4.0],
+        "a.k_proj.weight": [0.3, 0.4],
+        "a.v_proj.weight": [0.9, 1.2],
+    }
+    report, _ = one_step(clipper, model, grads, 0)
+    assert clipper.last_branches == {"q_proj": "down", "k_proj": "raise", "v_proj": "none"}
+    assert [r["scale"] < 1 for r in report] == [True, False, False]
+    clipper.close()
+
+
+def test_mirror_module_keeps_names_order_and_initial_values():
+    values = iter([torch.full((2,), 3.0), torch.full((1, 2), -1.0)])
+    m = mirror_module(
+        {"model.layers.0.mlp.up_proj.weight": (2,), "lm_head.weight": [1, 2]},
+        dtype=torch.float64,
+        init=lambda shape: next(values),
+    )
+    got = [
+        (n, tuple(p.shape), p.dtype, p.detach().flatten().tolist()) for n, p in m.named_parameters()
+    ]
+    assert got == [
+        ("model.layers.0.mlp.up_proj.weight", (2,), torch.float64, [3.0, 3.0]),
+        ("lm_head.weight", (1, 2), torch.float64, [-1.0, -1.0]),
+    ]
+    assert mirror_module({"a.b": (3,)}).a.b.detach().tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises((KeyError, ValueError)):
+        mirror_module({"a.b": (1,), "a.b.c": (1,)})

@@ -2,7 +2,7 @@
 variant, per-group hyperparameters, any optax schedule, event counts.
 
 Every expectation is a number computed by hand (written out below) or comes from
-the float64 model in tests/variant_model.py, never from the code under test.
+the float64 model in tests/spec_model.py (GroupModel), never from the code under test.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import optax
 import pytest
 
 from aggc_optax import aggc, from_reference_options, group_stats
-from tests.spec_model import aggc_options, spec_label
-from tests.variant_model import GroupModel
+from tests.spec_model import GroupModel, aggc_options, spec_label
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 K = "model.layers.0.self_attn.k_proj.weight"
