@@ -333,6 +333,19 @@ def test_train_lm_tensorboard_events_hold_the_runs_curves(train_lm_run, factors)
         rtol=1e-5,
     )
     assert any(tag.startswith("lora_sft/aggc/") for tag in scalars)
+    # aggc_optax.metrics' global norm before AGGC: the root of the summed squares of the
+    # group norms the example measured itself (group_norms.csv)
+    squares = {}
+    for r in _read_csv(out / "group_norms.csv"):
+        if r["run"] == "aggc":
+            squares[int(r["step"])] = (
+                squares.get(int(r["step"]), 0.0) + float(r["norm_before"]) ** 2
+            )
+    np.testing.assert_allclose(
+        [scalars["aggc/aggc/global_norm_before"][s] for s in range(30)],
+        [math.sqrt(squares[s]) for s in range(30)],
+        rtol=1e-5,
+    )
     assert "TensorBoard events to" in proc.stdout
 
 
