@@ -104,6 +104,17 @@ def make_corpus(
     return np.asarray(ids, np.int32), np.asarray(answer, bool)
 
 
+def sample_windows(
+    corpus: np.ndarray, num: int, length: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``num`` random windows of ``length`` consecutive positions (index arrays).
+
+    Used by ``lora_example.py`` on the arithmetic corpus.
+    """
+    starts = rng.integers(0, len(corpus) - length, size=num)
+    return starts[:, None] + np.arange(length)[None, :]
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What a run trains on: a token stream to cut batches from, and a held-out set."""
