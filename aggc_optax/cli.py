@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +48,52 @@ _NUMERIC = (
     "bounds_transition_ratio",
 )
 _RAMP = ("low_mult_late", "high_mult_late", "bounds_switch_ratio", "bounds_transition_ratio")
+_NUMERIC_HELP = {
+    "ema_beta": "decay beta of each group's EMA of its gradient norm, in [0, 1)",
+    "low_mult": "alpha_low: the lower bound is max(min_norm, alpha_low x EMA); a norm below it "
+    "is raised where raising is on",
+    "high_mult": "alpha_high: a norm above alpha_high x EMA is clipped down to it",
+    "low_mult_late": "alpha_low at the end of a --multiplier-schedule ramp",
+    "high_mult_late": "alpha_high at the end of a --multiplier-schedule ramp",
+    "min_norm": "floor of the lower bound",
+    "max_up_scale": "ceiling (>= 1) on an upward scale; only where raising is on",
+    "max_down_scale": "floor of a downward scale: a clip multiplies by at least this "
+    "(in the recipes 0 is no floor)",
+    "bounds_switch_ratio": "fraction of the run at which a --multiplier-schedule ramp starts",
+    "bounds_transition_ratio": "fraction of the run a --multiplier-schedule ramp takes",
+}
+
+
+def _unset_values(dest: str) -> str:
+    """What an unset numeric flag means under each preset, read from the code's own defaults."""
+    params = inspect.signature(aggc).parameters
+    if dest in params:
+        value = params[dest].default
+        default = "off" if value is None else f"{value:g}"
+    elif dest in _RAMP:
+        # _default ramps only with --multiplier-schedule, from the reference's defaults.
+        value = REFERENCE_DEFAULTS[dest]
+        default = f"{value:g}" + (" (the base value)" if dest.endswith("_late") else "")
+    else:
+        default = "n/a"
+    recipes = ", ".join(f"{name} {RECIPES[name][dest]:g}" for name in RECIPES)
+    adagc_params = inspect.signature(presets.adagc).parameters
+    adagc_name = {"high_mult": "rel_threshold", "ema_beta": "ema_beta"}.get(dest)
+    adagc = f", adagc {adagc_params[adagc_name].default:g}" if adagc_name else ""
+    return f"Unset: default {default}, {recipes}{adagc}."
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` that leaves out ``(default: None)``.
+
+    The AGGC flags default to ``None`` ("as the preset has it") and say in
+    their help what that is under each preset.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _json_mapping(text: str) -> dict[str, Any]:
@@ -91,25 +138,27 @@ def add_aggc_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     group.add_argument(
         "--aggc-preset",
         choices=PRESETS,
-        default="lora_sft",
-        help="lora_sft / grpo: the authors' recipes, as the reference runs them (with a "
-        "non-finite group skipped unless --nonfinite reference); default: aggc() with the "
-        "flags given as its arguments; adagc: per-tensor, upper bound only (--high-mult is "
-        "its relative threshold). Default: %(default)s.",
+        default="default",
+        help="default: aggc() with the flags given as its arguments (unset flags take "
+        "aggc()'s defaults); lora_sft / grpo: the authors' recipes, as the reference runs them "
+        "(with a non-finite group skipped unless --nonfinite reference); adagc: per-tensor, "
+        "upper bound only (--high-mult is its relative threshold).",
     )
     group.add_argument(
         "--variant",
         choices=_config.VARIANTS,
         default=None,
         help="reference: bounds from the EMA before the step, fed post-clip norms; paper: "
-        "the paper's eq. 2, bounds from the EMA of raw norms including this step.",
+        "the paper's eq. 2, bounds from the EMA of raw norms including this step. "
+        "Unset: reference.",
     )
     group.add_argument(
         "--ema-init",
         choices=_config.EMA_INITS,
         default=None,
         help="zero (reference): the EMA starts at 0; first: at each group's first norm; "
-        "bias_corrected: at 0, with Adam's bias correction in the bounds.",
+        "bias_corrected: at 0, with Adam's bias correction in the bounds. Unset: first with "
+        "default and adagc, zero with lora_sft and grpo.",
     )
     group.add_argument(
         "--nonfinite",
@@ -124,7 +173,8 @@ def add_aggc_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
         type=_json_mapping,
         default=None,
         metavar="JSON",
-        help='per-group overrides, e.g. \'{"[qkvo]_proj": {"high_mult": 0.5}}\', or @file.json.',
+        help='per-group overrides, e.g. \'{"[qkvo]_proj": {"high_mult": 0.5}}\', or @file.json. '
+        "Unset: none.",
     )
     group.add_argument(
         "--multiplier-schedule",
@@ -137,21 +187,28 @@ def add_aggc_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     )
     for dest in _NUMERIC:
         group.add_argument(
-            "--" + dest.replace("_", "-"), dest=dest, type=float, default=None, metavar="X"
+            "--" + dest.replace("_", "-"),
+            dest=dest,
+            type=float,
+            default=None,
+            metavar="X",
+            help=f"{_NUMERIC_HELP[dest]}. {_unset_values(dest)}",
         )
     group.add_argument(
         "--raise-small",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="lora_sft / grpo only: scale up groups below their lower bound (with the "
-        "default preset, --low-mult or --min-norm turns raising on).",
+        "default preset, --low-mult or --min-norm turns raising on). Unset: off with "
+        "lora_sft, on with grpo.",
     )
     group.add_argument(
         "--aggc-labels",
         choices=LABEL_RULES,
         default=None,
         help="group labels: reference (module type from the parameter path) or lora (the "
-        "LoRA script's rule: only lora_ parameters, grouped by their module).",
+        "LoRA script's rule: only lora_ parameters, grouped by their module). Unset: "
+        "reference.",
     )
     return group
 
@@ -299,4 +356,4 @@ def aggc_from_args(
 
 
 # cosine_ramp lives in aggc_optax._schedule; it stays importable from here.
-__all__ = ["add_aggc_arguments", "aggc_from_args", "cosine_ramp"]
+__all__ = ["HelpFormatter", "add_aggc_arguments", "aggc_from_args", "cosine_ramp"]

@@ -120,7 +120,7 @@ def plot_group_norms(
     fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
-    has_bounds = False
+    drawn: set[str] = set()  # the bounds some panel shows: only those get a legend entry
     for i, name in enumerate(names):
         ax = axes[i // ncols][i % ncols]
         d = data[name]
@@ -129,7 +129,9 @@ def plot_group_norms(
         for key in ("upper", "lower"):
             bound = np.asarray(d.get(key, np.full(norm.shape, np.nan)), np.float64)
             if np.any(np.isfinite(bound)):
-                has_bounds = True
+                # All zero (no lower bound: raising off) shows nothing on a log axis.
+                if np.any(np.isfinite(_positive(bound))) or not log_scale:
+                    drawn.add(key)
                 ax.plot(
                     steps,
                     _positive(bound),
@@ -152,19 +154,20 @@ def plot_group_norms(
         Line2D([], [], color=_COLORS["before"], label="norm before clipping"),
         Line2D([], [], color=_COLORS["after"], label="norm after clipping"),
     ]
-    if has_bounds:
-        handles += [
-            Line2D(
-                [], [], color=_COLORS["upper"], ls="--", label="upper bound U (clip down above)"
-            ),
+    if "upper" in drawn:
+        handles.append(
+            Line2D([], [], color=_COLORS["upper"], ls="--", label="upper bound U (clip down above)")
+        )
+    if "lower" in drawn:
+        handles.append(
             Line2D(
                 [],
                 [],
                 color=_COLORS["lower"],
                 ls=":",
                 label="lower bound L (raise below, if raise_small)",
-            ),
-        ]
+            )
+        )
     # One legend row on wide grids, two columns on narrow ones (so it fits the width).
     legend_cols = len(handles) if ncols >= 3 else 2
     fig.legend(handles=handles, loc="outside lower center", ncol=legend_cols, fontsize=9)

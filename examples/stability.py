@@ -57,6 +57,7 @@ from text_corpus import VOCAB_SIZE, Corpus, load_corpus, window_starts, windows
 from train_lm import (
     LlamaForCausalLM,
     ModelConfig,
+    centered_mean,
     group_factors,
     group_ids,
     group_norms,
@@ -294,15 +295,6 @@ def lr_sensitivity(losses_by_rate: Sequence[float], loss_at_init: float) -> floa
     """Wortsman et al. 2023: mean over rates of ``min(loss, init) - min over rates``."""
     capped = [min(finite_or_inf(v), loss_at_init) for v in losses_by_rate]
     return float(np.mean(capped) - min(capped))
-
-
-def centered_mean(x: np.ndarray, width: int) -> np.ndarray:
-    """Moving average centred on each step (shorter at the edges): no shift to the right."""
-    half = width // 2
-    csum = np.concatenate([[0.0], np.cumsum(x)])
-    lo = np.clip(np.arange(x.size) - half, 0, x.size)
-    hi = np.clip(np.arange(x.size) + half + 1, 0, x.size)
-    return (csum[hi] - csum[lo]) / (hi - lo)
 
 
 def steps_to_recover(diff: np.ndarray, fault_end: int, tol: float, width: int = 9) -> int | None:

@@ -1,26 +1,36 @@
-"""AGGC at work: a small LLaMA-style model trained three ways, side by side.
+"""AGGC at work: a small LLaMA-style model trained four ways, side by side.
 
-Trains a character-level LLaMA-style decoder (Flax NNX) on arithmetic word
-problems generated in this script (no download), with the same data and the
-same initial weights under three optimizers:
+Trains a byte-level LLaMA-style decoder (Flax NNX) on real text, with the same
+batches and the same initial weights under four optimizers:
 
 * ``adamw``: AdamW, no clipping;
-* ``global_clip``: global-norm clipping, then AdamW;
-* ``aggc``: AGGC (the authors' LoRA SFT recipe, its bounds schedule included),
+* ``global_clip``: ``optax.clip_by_global_norm(--clip-norm)``, then AdamW;
+* ``aggc``: AGGC, then AdamW: ``aggc()`` with its defaults unless the AGGC
+  flags (:mod:`aggc_optax.cli`) choose another preset or change an argument;
+* ``lora_sft``: the authors' LoRA SFT recipe, ``presets.lora_sft(--steps)``,
   then AdamW.
+
+The text (``--data text``, the default) is the running Python's standard
+library (``text_corpus.py``, shared with the stability study: no download; the
+held-out text comes from files never trained on; ``--corpus PATH`` takes any
+other text); its file count, byte count and SHA-256 are printed and recorded.
+``--data arithmetic`` trains on character-level arithmetic word problems
+generated in this script instead.
 
 By default a burst of faulty gradients hits one module type (every layer's
 ``v_proj`` gradient is multiplied by 100 on steps 10%-20% of the run; see
-``--fault-group``, ``--fault-scale``, ``--fault-steps``), so the spill-over of
-global clipping is visible: it shrinks *every* group's gradient to make room
-for the faulty one, while AGGC rescales each group against its own history.
+``--fault-group``, ``--fault-scale``, ``--fault-steps``), to show how each
+clipper treats the faulty group and the groups that did nothing wrong.
 
-Writes to ``--out`` (default ``runs/train_lm``): ``loss.png``, ``group_norms.png``
-(per-group gradient norm before and after AGGC, with its bounds),
-``clip_scales.png`` (the factor each group's gradient was multiplied by, global
-clipping versus AGGC), ``per_module_clip.csv`` (the AGGC run in the reference
-clipper's format), ``group_norms.csv`` (every run's per-group norms),
-``losses.csv`` and ``summary.md``.
+Writes to ``--out`` (default ``runs/train_lm``): ``loss.png`` (training and
+held-out loss), ``group_norms.png`` (the AGGC run's per-group gradient norm
+before and after clipping, with its bounds), ``clip_scales.png`` (the factor
+each group's gradient was multiplied by, per clipper), ``per_module_clip.csv``
+(the AGGC run in the reference clipper's format), ``group_norms.csv`` (every
+run's per-group norms and factors), ``losses.csv`` (training loss),
+``heldout.csv`` (held-out loss and accuracy), ``summary.md``, and with
+``--tensorboard DIR`` TensorBoard event files. Every title, caption and summary
+sentence is computed from the run's own numbers.
 
 Run ``python examples/train_lm.py --help`` for the flags.
 """
@@ -44,13 +54,15 @@ import optax
 from flax import nnx
 
 import aggc_optax
-from aggc_optax.cli import add_aggc_arguments, aggc_from_args
+from aggc_optax import presets
+from aggc_optax.cli import HelpFormatter, add_aggc_arguments, aggc_from_args
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from progress import Progress
+from text_corpus import VOCAB_SIZE, load_corpus, window_starts, windows
 
 # ---------------------------------------------------------------------------
-# Data: arithmetic word problems, character level.
+# Data: real text (text_corpus.py), or arithmetic word problems at character level.
 # ---------------------------------------------------------------------------
 
 NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lou")
@@ -95,9 +107,82 @@ def make_corpus(
 def sample_windows(
     corpus: np.ndarray, num: int, length: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """``num`` random windows of ``length`` consecutive positions (start indices)."""
+    """``num`` random windows of ``length`` consecutive positions (index arrays).
+
+    Used by ``lora_example.py`` on the arithmetic corpus.
+    """
     starts = rng.integers(0, len(corpus) - length, size=num)
     return starts[:, None] + np.arange(length)[None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a run trains on: a token stream to cut batches from, and a held-out set."""
+
+    kind: str  # "text" or "arithmetic"
+    train: np.ndarray
+    eval_tokens: np.ndarray  # [windows, seq_len + 1]
+    eval_mask: np.ndarray  # the target positions the held-out accuracy counts
+    vocab_size: int
+    unit: str  # what one token is: "byte" or "character"
+    accuracy: str  # what the held-out accuracy measures
+    title: str  # a few words for the figures' titles
+    description: str  # a sentence part for the summary
+    identity: dict[str, Any]
+
+
+def make_task(args: argparse.Namespace) -> Task:
+    """The training text and held-out windows the flags ask for (``--data``, ``--corpus``)."""
+    length = args.seq_len + 1
+    eval_rng = np.random.default_rng(args.seed + 1)
+    if args.data == "arithmetic":
+        stream, _ = make_corpus(args.problems, seed=args.seed)
+        eval_stream, eval_answer = make_corpus(max(200, args.problems // 10), seed=args.seed + 1)
+        starts = window_starts(eval_stream, args.eval_batch, length, eval_rng)
+        mask = eval_answer[np.asarray(starts)[:, None] + np.arange(length)[None, :]]
+        return Task(
+            kind="arithmetic",
+            train=stream,
+            eval_tokens=windows(eval_stream, starts, length),
+            eval_mask=mask,
+            vocab_size=len(VOCAB),
+            unit="character",
+            accuracy="answer digits right",
+            title="Character-level LM on arithmetic word problems",
+            description=f"character-level arithmetic word problems ({args.problems:,} "
+            "generated for training, others held out)",
+            identity={"source": "arithmetic", "problems": args.problems, "seed": args.seed},
+        )
+    corpus = load_corpus(args.corpus, min_bytes=max(4096, 4 * length))
+    if corpus.heldout.size <= length:
+        raise SystemExit(
+            f"corpus {corpus.source!r}: {corpus.heldout.size} held-out bytes, need more than "
+            f"--seq-len + 1 = {length}"
+        )
+    starts = window_starts(corpus.heldout, args.eval_batch, length, eval_rng)
+    tokens = windows(corpus.heldout, starts, length)
+    return Task(
+        kind="text",
+        train=corpus.train,
+        eval_tokens=tokens,
+        eval_mask=np.ones(tokens.shape, bool),
+        vocab_size=VOCAB_SIZE,
+        unit="byte",
+        accuracy="next-byte accuracy",
+        title=f"Byte-level LM on {corpus.source} ({corpus.num_files} files, "
+        f"{corpus.num_bytes / 1e6:.1f} MB)",
+        description=f"the bytes of {corpus.source}: {corpus.num_files} files, "
+        f"{corpus.num_bytes:,} bytes, SHA-256 {corpus.sha256[:16]}..., split by file into "
+        f"{corpus.num_train_files} training files ({corpus.train.size:,} bytes) and "
+        f"{corpus.num_heldout_files} held-out files ({corpus.heldout.size:,} bytes)",
+        identity=corpus.describe(),
+    )
+
+
+def batch(task: Task, args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
+    """One training batch: ``--batch-size`` random windows of ``--seq-len + 1`` tokens."""
+    length = args.seq_len + 1
+    return windows(task.train, window_starts(task.train, args.batch_size, length, rng), length)
 
 
 # ---------------------------------------------------------------------------
@@ -214,27 +299,30 @@ def token_losses(model: nnx.Module, tokens: jax.Array) -> jax.Array:
 # Optimizers.
 # ---------------------------------------------------------------------------
 
-RUNS = ("adamw", "global_clip", "aggc")
+RUNS = ("adamw", "global_clip", "aggc", "lora_sft")
+CLIPPERS = ("global_clip", "aggc", "lora_sft")  # the runs that rescale gradients
+AGGC_RUNS = ("aggc", "lora_sft")  # the runs with an AGGC state
 
 
 def build_aggc(args: argparse.Namespace, total_steps: int) -> optax.GradientTransformation:
     """The AGGC transformation of the ``aggc`` run, from the parsed flags.
 
-    With no AGGC flag: the authors' LoRA SFT recipe (docs/reference-behaviour.md §9) with its
-    linear ramp of the multipliers (0.95 -> 0.98 and 0.6 -> 0.7, starting at
-    40% of the run, over 30% of it), and ``aggc()``'s safe ``nonfinite="skip"``
-    policy. The flags of :mod:`aggc_optax.cli` switch on every variant
-    (``--ema-init first``, ``--variant paper``, ``--ema-init bias_corrected``,
-    ``--group-hparams``, ``--multiplier-schedule``, ``--aggc-preset``, ...).
+    With no AGGC flag: ``aggc()`` with its defaults. The flags of
+    :mod:`aggc_optax.cli` choose a preset (``--aggc-preset lora_sft``, ``grpo``,
+    ``adagc``) or change an argument (``--high-mult 3``, ``--variant paper``,
+    ``--group-hparams``, ``--multiplier-schedule``, ...).
     """
     return aggc_from_args(args, total_steps)
 
 
 def build_clipper(run: str, args: argparse.Namespace) -> optax.GradientTransformation:
+    """The transformation that runs before AdamW in ``run``."""
     if run == "adamw":
         return optax.identity()
     if run == "global_clip":
         return optax.clip_by_global_norm(args.clip_norm)
+    if run == "lora_sft":
+        return presets.lora_sft(args.steps)
     return build_aggc(args, args.steps)
 
 
@@ -247,6 +335,16 @@ def build_adamw(args: argparse.Namespace) -> optax.GradientTransformation:
         end_value=args.lr * 0.1,
     )
     return optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=args.weight_decay)
+
+
+def aggc_name(args: argparse.Namespace) -> str:
+    """How the ``aggc`` run's clipper was chosen, for legends and the summary."""
+    changed = dict(getattr(args, "aggc_changed", None) or {})
+    preset = changed.pop("--aggc-preset", "default")
+    base = "aggc()" if preset == "default" else f"--aggc-preset {preset}"
+    if not changed:
+        return "aggc() defaults" if preset == "default" else base
+    return base + " " + " ".join(f"{flag} {value}" for flag, value in changed.items())
 
 
 # ---------------------------------------------------------------------------
@@ -316,16 +414,18 @@ def make_train_step(
 
 
 def make_eval(graphdef: Any) -> Callable[..., Any]:
+    """Held-out loss (every position) and accuracy (the positions ``mask`` marks)."""
+
     @jax.jit
-    def evaluate(params: Any, tokens: jax.Array, answer: jax.Array) -> Any:
+    def evaluate(params: Any, tokens: jax.Array, mask: jax.Array) -> Any:
         model = nnx.merge(graphdef, params)
         logits = model(tokens[:, :-1])
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
         correct = jnp.argmax(logits, -1) == tokens[:, 1:]
-        mask = answer[:, 1:]
+        target = mask[:, 1:]
         return (
             jnp.mean(losses),
-            jnp.sum(jnp.where(mask, correct, False)) / jnp.maximum(jnp.sum(mask), 1),
+            jnp.sum(jnp.where(target, correct, False)) / jnp.maximum(jnp.sum(target), 1),
         )
 
     return evaluate
@@ -353,9 +453,14 @@ def parse_fault_steps(text: str, total_steps: int) -> tuple[int, int] | None:
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the three optimizers side by side; return everything the reports need."""
+    """Run the four optimizers side by side; return everything the reports need."""
+    task = make_task(args)
     cfg = ModelConfig(
-        d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, mlp_dim=args.mlp_dim
+        vocab_size=task.vocab_size,
+        d_model=args.d_model,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        mlp_dim=args.mlp_dim,
     )
     # Built under jit: eager initialisation compiles one random op per shape.
     model = nnx.jit(lambda: LlamaForCausalLM(cfg, nnx.Rngs(args.seed)))()
@@ -369,12 +474,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     fault_leaves = [gid >= 0 and labels[gid] == args.fault_group for gid in leaf_groups]
     window = parse_fault_steps(args.fault_steps, args.steps) if args.fault_group != "none" else None
 
-    corpus, _ = make_corpus(args.problems, seed=args.seed)
-    eval_corpus, eval_answer = make_corpus(max(200, args.problems // 10), seed=args.seed + 1)
+    print(f"data: {task.description}")
     data_rng = np.random.default_rng(args.seed)
-    eval_idx = sample_windows(eval_corpus, args.eval_batch, args.seq_len + 1, data_rng)
-    eval_tokens, eval_mask = jnp.asarray(eval_corpus[eval_idx]), jnp.asarray(eval_answer[eval_idx])
-
+    eval_tokens, eval_mask = jnp.asarray(task.eval_tokens), jnp.asarray(task.eval_mask)
     adamw = build_adamw(args)
     evaluate = make_eval(graphdef)
     runs = {}
@@ -394,7 +496,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "loss": [],
             "before": [],
             "after": [],
-            "eval": [],
+            "eval": [(0, *evaluate(params, eval_tokens, eval_mask))],
+            "scalars": [],
         }
 
     os.makedirs(args.out, exist_ok=True)
@@ -403,9 +506,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     bar = Progress(args.steps, "training", quiet=args.quiet)
     start_time = time.perf_counter()
     for step in range(args.steps):
-        tokens = jnp.asarray(
-            corpus[sample_windows(corpus, args.batch_size, args.seq_len + 1, data_rng)]
-        )
+        tokens = jnp.asarray(batch(task, args, data_rng))
         in_fault = window is not None and window[0] <= step < window[1]
         fault = jnp.float32(args.fault_scale if in_fault else 1.0)
         for name, run in runs.items():
@@ -417,8 +518,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             run["after"].append(after)
             if name == "aggc":
                 logger.log(run["opt_state"], step)
+            if args.tensorboard and name in AGGC_RUNS:
+                # One jitted reduction and one transfer per call (aggc_optax.metrics).
+                run["scalars"].append(aggc_optax.metrics(run["opt_state"], prefix="aggc"))
             if (step + 1) % eval_every == 0 or step + 1 == args.steps:
-                run["eval"].append((step, *evaluate(run["params"], eval_tokens, eval_mask)))
+                run["eval"].append((step + 1, *evaluate(run["params"], eval_tokens, eval_mask)))
         status = ""
         if (step + 1) % 10 == 0 or step + 1 == args.steps:
             status = " ".join(f"{name}={float(run['loss'][-1]):.3f}" for name, run in runs.items())
@@ -433,10 +537,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "loss": np.asarray(jax.device_get(run["loss"])),
             "before": np.asarray(jax.device_get(run["before"])),
             "after": np.asarray(jax.device_get(run["after"])),
-            "eval": [(s, float(v), float(a)) for s, v, a in jax.device_get(run["eval"])],
+            "eval": [(int(s), float(v), float(a)) for s, v, a in jax.device_get(run["eval"])],
+            "scalars": run["scalars"],
             "opt_state": run["opt_state"],
         }
     return {
+        "task": task,
         "labels": labels,
         "info": info,
         "window": window,
@@ -447,17 +553,182 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Reports.
+# Reports: every number in a title, caption or sentence comes from the run.
 # ---------------------------------------------------------------------------
 
+SMOOTH_WIDTH = 9  # steps in the centred moving average of the training-loss curves
+FACTOR_TOL = 1e-6  # a factor further than this from 1 counts as "rescaled"
+RUN_COLORS = {
+    "adamw": "#7f7f7f",
+    "global_clip": "#1f77b4",
+    "aggc": "#d62728",
+    "lora_sft": "#2ca02c",
+}
+SHORT_NAMES = {
+    "adamw": "AdamW",
+    "global_clip": "global clip",
+    "aggc": "AGGC",
+    "lora_sft": "LoRA SFT recipe",
+}
 
-def _smooth(x: np.ndarray, beta: float = 0.8) -> np.ndarray:
-    # Bias-corrected EMA, so the curve starts at the first value.
-    out, avg = np.empty_like(x), 0.0
-    for i, v in enumerate(x):
-        avg = beta * avg + (1 - beta) * v
-        out[i] = avg / (1 - beta ** (i + 1))
-    return out
+
+def centered_mean(x: np.ndarray, width: int) -> np.ndarray:
+    """Moving average centred on each step (shorter at the edges): no shift to the right."""
+    half = width // 2
+    csum = np.concatenate([[0.0], np.cumsum(x)])
+    lo = np.clip(np.arange(x.size) - half, 0, x.size)
+    hi = np.clip(np.arange(x.size) + half + 1, 0, x.size)
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def run_titles(out: dict[str, Any]) -> dict[str, str]:
+    """Legend and table names of the runs."""
+    return {
+        "adamw": "AdamW, no clipping",
+        "global_clip": "AdamW + global-norm clip",
+        "aggc": f"AdamW + AGGC ({out['aggc_name']})",
+        "lora_sft": "AdamW + LoRA SFT recipe",
+    }
+
+
+def factors(out: dict[str, Any], run: str) -> np.ndarray:
+    """``[steps, groups]``: the factor each group's gradient norm was multiplied by."""
+    r = out["results"][run]
+    return group_factors(r["before"], r["after"])
+
+
+def rescaled(f: np.ndarray) -> np.ndarray:
+    return np.abs(f - 1.0) > FACTOR_TOL
+
+
+def factor_range(values: np.ndarray) -> str:
+    """``"x0.021"``, or ``"x0.021-x0.034"`` when the smallest and largest differ."""
+    lo, hi = f"x{float(np.min(values)):.2g}", f"x{float(np.max(values)):.2g}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def fault_factors(out: dict[str, Any], run: str) -> dict[str, Any]:
+    """During the fault: the factors of the faulty group and of the other groups."""
+    start, end = out["window"]
+    f = factors(out, run)[start:end]
+    j = out["labels"].index(out["fault_group"])
+    others = np.delete(f, j, axis=1)
+    return {"faulty": f[:, j], "others": others, "others_rescaled": others[rescaled(others)]}
+
+
+def fault_clause(out: dict[str, Any], run: str) -> str:
+    """What ``run``'s factors were during the fault, as one clause."""
+    ff = fault_factors(out, run)
+    group, faulty, others = out["fault_group"], ff["faulty"], ff["others"]
+    head = f"{group} {factor_range(faulty)}" if rescaled(faulty).any() else f"{group} untouched"
+    hit = ff["others_rescaled"]
+    if hit.size == 0:
+        tail = "every other group x1 (untouched)"
+    elif hit.size == others.size:
+        tail = f"every other group rescaled too, {factor_range(others)}"
+    else:
+        tail = (
+            f"{hit.size} of {others.size} other (step, group) pairs rescaled, {factor_range(hit)}"
+        )
+    return f"{SHORT_NAMES[run]}: {head}; {tail}"
+
+
+def fault_caption(out: dict[str, Any]) -> list[str]:
+    """One clause per clipper: what its factors were during the fault."""
+    return [fault_clause(out, run) for run in CLIPPERS]
+
+
+def normal_rescaling(out: dict[str, Any], run: str) -> dict[str, Any]:
+    """Outside the fault window: how many (step, group) pairs ``run`` rescaled, and how."""
+    f = factors(out, run)
+    keep = np.ones(f.shape[0], bool)
+    if out["window"] is not None:
+        keep[out["window"][0] : out["window"][1]] = False
+    f = f[keep]
+    hit = rescaled(f)
+    return {
+        "steps": int(keep.sum()),
+        "pairs": int(f.size),
+        "rescaled": int(hit.sum()),
+        "steps_rescaled": int(hit.any(axis=1).sum()),
+        "median": float(np.median(f[hit])) if hit.any() else 1.0,
+    }
+
+
+def normal_sentence(out: dict[str, Any]) -> str:
+    where = "Outside the fault window" if out["window"] is not None else "Over the run"
+    stats = {run: normal_rescaling(out, run) for run in CLIPPERS}
+    first = stats[CLIPPERS[0]]
+    parts = []
+    for run, s in stats.items():
+        if s["rescaled"] == 0:
+            parts.append(f"{SHORT_NAMES[run]} none")
+        else:
+            parts.append(
+                f"{SHORT_NAMES[run]} {s['rescaled']} ({100 * s['rescaled'] / s['pairs']:.1f}%, "
+                f"on {s['steps_rescaled']} steps, median factor x{s['median']:.3g})"
+            )
+    return (
+        f"{where} ({first['steps']} steps x {len(out['labels'])} groups = {first['pairs']} "
+        f"(step, group) pairs), the pairs each clipper rescaled: " + "; ".join(parts) + "."
+    )
+
+
+def normal_shares(out: dict[str, Any]) -> str:
+    """The short form of :func:`normal_sentence`, for a figure title."""
+    where = "outside the grey band" if out["window"] is not None else "over the run"
+    shares = ", ".join(
+        f"{SHORT_NAMES[run]} {100 * s['rescaled'] / s['pairs']:.1f}%"
+        for run, s in ((run, normal_rescaling(out, run)) for run in CLIPPERS)
+    )
+    return f"{where}, the share of (step, group) pairs rescaled: {shares}"
+
+
+def nonfinite_sentence(out: dict[str, Any]) -> str | None:
+    """Which runs saw NaN or inf (a loss, or a group's norm), or None when none did."""
+    parts = []
+    for run, r in out["results"].items():
+        losses = int(np.sum(~np.isfinite(r["loss"])))
+        norms = int(np.sum(~np.isfinite(r["before"])))
+        if losses or norms:
+            parts.append(
+                f"{SHORT_NAMES[run]}: loss on {losses} steps, gradient norm on {norms} "
+                "(step, group) pairs"
+            )
+    if not parts:
+        return None
+    return (
+        "Non-finite values (their factors count as 1 in the counts above and below): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def eval_at(r: dict[str, Any], step: int) -> tuple[float, float]:
+    """Held-out loss and accuracy after ``step`` optimizer steps."""
+    return next((v, a) for s, v, a in r["eval"] if s == step)
+
+
+def after_fault(out: dict[str, Any]) -> int:
+    """The first evaluation at or after the end of the fault window (optimizer steps done)."""
+    evals = [s for s, _, _ in out["results"]["aggc"]["eval"]]
+    return next((s for s in evals if s >= out["window"][1]), evals[-1])
+
+
+def heldout_sentences(out: dict[str, Any]) -> list[str]:
+    """Each clipped run's held-out loss relative to AdamW's, at the end and after the fault."""
+    results = out["results"]
+    points = [("at the end", results["adamw"]["eval"][-1][0])]
+    if out["window"] is not None:
+        points.insert(0, ("after the fault", after_fault(out)))
+    lines = []
+    for when, step in points:
+        base = eval_at(results["adamw"], step)[0]
+        diffs = ", ".join(
+            f"{SHORT_NAMES[run]} {eval_at(results[run], step)[0] - base:+.4f}" for run in CLIPPERS
+        )
+        lines.append(f"Held-out loss {when} (step {step}) minus AdamW's ({base:.4f}): {diffs}.")
+    return lines
 
 
 def _shade(ax: Any, window: tuple[int, int] | None) -> None:
@@ -466,7 +737,7 @@ def _shade(ax: Any, window: tuple[int, int] | None) -> None:
 
 
 def write_csvs(out: dict[str, Any], folder: str) -> None:
-    """``group_norms.csv`` (every run, every group) and ``losses.csv``."""
+    """``group_norms.csv`` (every run, every group), ``losses.csv`` and ``heldout.csv``."""
     labels, results = out["labels"], out["results"]
     with open(os.path.join(folder, "group_norms.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -483,90 +754,140 @@ def write_csvs(out: dict[str, Any], folder: str) -> None:
         w.writerow(["step", *results])
         for step in range(len(results[RUNS[0]]["loss"])):
             w.writerow([step, *(str(r["loss"][step]) for r in results.values())])
+    with open(os.path.join(folder, "heldout.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        # step: optimizer steps done before the evaluation (0: the initial weights).
+        w.writerow(["step", "run", "heldout_loss", "heldout_accuracy"])
+        for run, r in results.items():
+            for step, loss, acc in r["eval"]:
+                w.writerow([step, run, repr(loss), repr(acc)])
 
 
-RUN_COLORS = {"adamw": "#7f7f7f", "global_clip": "#1f77b4", "aggc": "#d62728"}
-RUN_TITLES = {
-    "adamw": "AdamW, no clipping",
-    "global_clip": "AdamW + global-norm clip",
-    "aggc": "AdamW + AGGC",
-}
+def loss_axis(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]], from_step: int
+) -> tuple[float, float, float] | None:
+    """Linear y limits for curves of (steps, values): the range from ``from_step`` on.
+
+    Returns ``(low, top, highest)``: the finite range from ``from_step`` on (all
+    steps if there are none), and the highest finite value of any step; None when
+    nothing is finite (every run diverged).
+    """
+
+    def finite(after: int) -> np.ndarray:
+        parts = [v[(s >= after) & np.isfinite(v)] for s, v in curves]
+        return np.concatenate(parts) if parts else np.empty(0)
+
+    shown = finite(from_step)
+    if shown.size == 0:
+        shown = finite(0)
+    if shown.size == 0:
+        return None
+    return float(shown.min()), float(shown.max()), float(finite(0).max())
 
 
-def plot_losses(out: dict[str, Any], path: str, fault_text: str) -> None:
+def plot_losses(out: dict[str, Any], path: str, fault_text: str) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), layout="constrained")
+    task, results, titles = out["task"], out["results"], run_titles(out)
+    steps = np.arange(len(results["adamw"]["loss"]))
+    width = min(SMOOTH_WIDTH, steps.size)
+    fig = Figure(figsize=(12, 4.6), layout="constrained")
     FigureCanvasAgg(fig)
     ax_train, ax_eval = fig.subplots(1, 2)
-    for run, r in out["results"].items():
-        steps = np.arange(len(r["loss"]))
-        # AdamW dashed and on top: it often lies right under the AGGC curve.
+    smooth, evals = [], []
+    for run, r in results.items():
+        # AdamW dashed and on top: it often lies right under a clipped run's curve.
         style = {
             "color": RUN_COLORS[run],
             "ls": "--" if run == "adamw" else "-",
             "zorder": 3 if run == "adamw" else 2,
-            "label": RUN_TITLES[run],
+            "label": titles[run],
         }
+        curve = centered_mean(r["loss"].astype(np.float64), width)
+        smooth.append((steps, curve))
         ax_train.plot(steps, r["loss"], color=style["color"], alpha=0.15, lw=0.7)
-        ax_train.plot(steps, _smooth(r["loss"]), lw=1.6, **style)
-        ev = np.asarray(r["eval"])
-        ax_eval.plot(ev[:, 0] + 1, ev[:, 1], marker="o", ms=3, lw=1.4, **style)
-    for ax, name in ((ax_train, "training loss (smoothed; raw faint)"), (ax_eval, "held-out loss")):
+        ax_train.plot(steps, curve, lw=1.6, **style)
+        ev = np.asarray([(s, v) for s, v, _ in r["eval"]])
+        evals.append((ev[:, 0], ev[:, 1]))
+        ax_eval.plot(ev[:, 0], ev[:, 1], marker="o", ms=3, lw=1.4, **style)
+    # Linear axes, cut above the highest curve from the fault (or 10% of the run) on:
+    # the first steps' loss would squash the differences that matter into a sliver.
+    first = max(1, steps.size // 10)
+    if out["window"] is not None:
+        first = min(first, out["window"][0])
+    unit = f"nats per {task.unit}"
+    for ax, curves, name in (
+        (ax_train, smooth, f"training loss ({unit}), centred {width}-step mean; raw faint"),
+        (ax_eval, evals, f"held-out loss ({unit})"),
+    ):
+        limits = loss_axis(curves, first)
+        if limits is not None:
+            low, top, highest = limits
+            margin = 0.05 * (top - low) or 0.05
+            ax.set_ylim(low - margin, top + margin)
+            if highest > top + margin:
+                name += f"\n(axis cut: before step {first} the loss reaches {highest:.2f})"
         _shade(ax, out["window"])
-        ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_title(name)
-        ax.grid(True, which="both", alpha=0.3, lw=0.5)
-    ax_train.legend()
+        ax.set_ylabel(f"loss ({unit})")
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, alpha=0.3, lw=0.5)
+    ax_train.legend(fontsize=8)
     if out["window"] is not None:
         ax_eval.text(
-            0.98,
-            0.97,
-            f"grey band: {fault_text}",
-            transform=ax_eval.transAxes,
-            ha="right",
-            va="top",
-            fontsize=8,
-        )
-    fig.suptitle("Character-level LM on arithmetic word problems: same data, same initial weights")
+            0.98, 0.97, f"grey band: {fault_text}", transform=ax_eval.transAxes,
+            ha="right", va="top", fontsize=8,
+        )  # fmt: skip
+    final = ", ".join(f"{SHORT_NAMES[run]} {r['eval'][-1][1]:.3f}" for run, r in results.items())
+    fig.suptitle(
+        f"{task.title}: same batches, same initial weights\n"
+        f"final held-out loss (step {steps.size}): {final}",
+        fontsize=11,
+    )
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_group_norms(out: dict[str, Any], csv_path: str, path: str, fault_text: str) -> None:
+def plot_group_norms(out: dict[str, Any], csv_path: str, path: str, fault_text: str) -> Any:
     from aggc_optax.plotting import plot_group_norms as plot
 
-    title = "AGGC run: gradient norm of each group before / after clipping, with its bounds"
+    f = factors(out, "aggc")
+    down, up = int(np.sum(f < 1 - FACTOR_TOL)), int(np.sum(f > 1 + FACTOR_TOL))
+    title = (
+        f"AGGC run ({out['aggc_name']}): each group's gradient norm before / after clipping, "
+        f"with its bounds\nclipped down on {down} and raised on {up} of {f.size} "
+        "(step, group) pairs"
+    )
     if out["window"] is not None:
-        title += f"\n(grey band: {fault_text})"
+        title += f"; grey band: {fault_text}"
     fig = plot(csv_path, title=title)
     for ax in fig.axes:
         _shade(ax, out["window"])
+        ax.set_ylabel("gradient norm", fontsize=9)
     fig.savefig(path, dpi=110)
+    return fig
 
 
-def plot_clip_scales(out: dict[str, Any], path: str, fault_text: str) -> None:
-    """The factor each group's gradient was multiplied by: global clip versus AGGC."""
+def plot_clip_scales(out: dict[str, Any], path: str, fault_text: str) -> Any:
+    """The factor each group's gradient was multiplied by, under each clipper."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    labels = out["labels"]
+    labels, titles = out["labels"], run_titles(out)
     ncols = 4
     nrows = math.ceil(len(labels) / ncols)
-    fig = Figure(figsize=(3.6 * ncols, 2.3 * nrows + 1.0), layout="constrained")
+    fig = Figure(figsize=(3.6 * ncols, 2.3 * nrows + 1.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
     for j, label in enumerate(labels):
         ax = axes[j // ncols][j % ncols]
-        for run in ("global_clip", "aggc"):
-            r = out["results"][run]
-            before, after = r["before"][:, j], r["after"][:, j]
-            scale = group_factors(before, after)
-            ax.plot(scale, color=RUN_COLORS[run], lw=1.1, label=RUN_TITLES[run])
+        for run in CLIPPERS:
+            ax.plot(factors(out, run)[:, j], color=RUN_COLORS[run], lw=1.1, label=titles[run])
         _shade(ax, out["window"])
         ax.set_yscale("log")
         ax.set_title(label, fontsize=10)
+        ax.set_ylabel("factor", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(True, which="both", alpha=0.3, lw=0.5)
         if j + ncols >= len(labels):
@@ -574,169 +895,198 @@ def plot_clip_scales(out: dict[str, Any], path: str, fault_text: str) -> None:
     for j in range(len(labels), nrows * ncols):
         fig.delaxes(axes[j // ncols][j % ncols])
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=2)
-    title = "Factor applied to each group's gradient (1 = untouched)"
+    fig.legend(handles, names, loc="outside lower center", ncol=len(CLIPPERS))
+    lines = ["Factor applied to each group's gradient norm (after / before; 1 = untouched)"]
     if out["window"] is not None:
-        title += f"\ngrey band: {fault_text}. {fault_caption(out)}"
-    fig.suptitle(title)
+        lines.append(f"during the grey band ({fault_text}):")
+        lines += fault_caption(out)
+    lines.append(normal_shares(out))
+    fig.suptitle("\n".join(lines), fontsize=10)
     fig.savefig(path, dpi=110)
-
-
-def fault_factors(out: dict[str, Any], run: str) -> tuple[float, float]:
-    """During the fault: the smallest factor on the faulty group, and on any other group."""
-    labels, (start, end) = out["labels"], out["window"]
-    r = out["results"][run]
-    before, after = r["before"][start:end], r["after"][start:end]
-    scale = group_factors(before, after)
-    j = labels.index(out["fault_group"])
-    others = np.delete(scale, j, axis=1)
-    return float(scale[:, j].min()), float(others.min()) if others.size else 1.0
-
-
-def fault_caption(out: dict[str, Any]) -> str:
-    """What the run's own factors show during the fault, one clause per clipper."""
-    parts = []
-    for run in ("global_clip", "aggc"):
-        faulty, others = fault_factors(out, run)
-        name = RUN_TITLES[run].removeprefix("AdamW + ")
-        if others >= 1 - 1e-6:
-            parts.append(f"{name}: {out['fault_group']} x{faulty:.2g}, other groups untouched")
-        else:
-            parts.append(
-                f"{name}: {out['fault_group']} x{faulty:.2g}, other groups down to x{others:.2g}"
-            )
-    return "; ".join(parts)
+    return fig
 
 
 def summarize(out: dict[str, Any], args: argparse.Namespace, fault_text: str) -> str:
-    """The Markdown summary: final losses, and per group how often each clipper acted."""
-    results, labels, info = out["results"], out["labels"], out["info"]
+    """The Markdown summary: held-out losses, and per group how often each clipper acted."""
+    results, labels, info, task = out["results"], out["labels"], out["info"], out["task"]
+    titles = run_titles(out)
     tail = max(1, args.steps // 10)
+    layers = f"{args.layers} layer" + ("s" if args.layers != 1 else "")
     lines = [
         "# AGGC demo: summary",
         "",
-        f"LLaMA-style decoder, {out['num_params']:,} parameters ({args.layers} layers, "
-        f"d_model {args.d_model}), character-level arithmetic word problems; "
-        f"{args.steps} steps of {args.batch_size} x {args.seq_len} characters; same data and "
-        f"initial weights for every run. Fault: {fault_text if out['window'] else 'none'}. "
-        f"Training took {out['seconds']:.0f} s for the three runs.",
+        f"LLaMA-style decoder, {out['num_params']:,} parameters ({layers}, "
+        f"d_model {args.d_model}), trained on {task.description}; {args.steps} steps of "
+        f"{args.batch_size} x {args.seq_len} {task.unit}s; the same batches and initial "
+        f"weights for every run; held-out set: {len(task.eval_tokens)} windows of "
+        f"{args.seq_len + 1} {task.unit}s. Fault: {fault_text if out['window'] else 'none'}. "
+        f"Training took {out['seconds']:.0f} s for the {len(results)} runs.",
         "",
-        "| run | "
-        + (f"held-out loss after the fault (step {_after_fault(out)}) | " if out["window"] else "")
-        + f"train loss (mean of last {tail} steps) | held-out loss | answer digits right |",
-        "|---|---|---|---|" + ("---|" if out["window"] else ""),
+        f"Clippers before AdamW: global clip `optax.clip_by_global_norm({args.clip_norm:g})`; "
+        f"AGGC {out['aggc_name']}; LoRA SFT recipe `presets.lora_sft({args.steps})`.",
+        "",
     ]
+    header = ["run"]
+    if out["window"]:
+        header.append(f"held-out loss after the fault (step {after_fault(out)})")
+    header += [f"train loss (mean of last {tail} steps)", "final held-out loss", task.accuracy]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run, r in results.items():
         _, eval_loss, acc = r["eval"][-1]
-        cells = [RUN_TITLES[run]]
+        cells = [titles[run]]
         if out["window"]:
-            cells.append(f"{dict((s + 1, v) for s, v, _ in r['eval'])[_after_fault(out)]:.4f}")
+            cells.append(f"{eval_at(r, after_fault(out))[0]:.4f}")
         cells += [f"{np.mean(r['loss'][-tail:]):.4f}", f"{eval_loss:.4f}", f"{100 * acc:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Held-out loss: next-character loss on problems not trained on; answer digits right: "
-        "the share of answer digits (after `=`) the model predicts exactly, given the text "
-        "before them (teacher forcing).",
-    ]
-    stats = aggc_optax.group_stats(results["aggc"]["opt_state"])
-    glob = results["global_clip"]
-    global_scale = glob["after"].sum(1) / np.maximum(glob["before"].sum(1), 1e-30)
-    global_clipped = int(np.sum(global_scale < 1 - 1e-6))
-    lines += [
-        "",
-        "Steps on which each group's gradient was rescaled (of "
-        f"{args.steps}). Global clipping rescales all groups together.",
-        "",
-        "| group | parameters | AGGC: clipped down | AGGC: raised | global clip: clipped |",
-        "|---|---|---|---|---|",
-    ]
-    for label in labels:
-        lines.append(
-            f"| {label} | {info['groups'][label]['num_params']:,} "
-            f"| {int(stats[label]['clip_down_count'])} | {int(stats[label]['raise_count'])} "
-            f"| {global_clipped} |"
-        )
+    lines += ["", *heldout_sentences(out), ""]
+    nonfinite = nonfinite_sentence(out)
+    if nonfinite:
+        lines += [nonfinite, ""]
+    lines.append(
+        "One seed: the spread between seeds is not measured here (docs/stability.md "
+        "measures it over 3 seeds)."
+    )
     if out["window"] is not None:
         start, end = out["window"]
-        lines += [
-            "",
-            f"During the fault (steps {start}-{end - 1}), the mean factor applied to the "
-            "other groups' gradients: global clip "
-            f"{_mean_other_scale(glob, labels, out['fault_group'], start, end):.3g}, AGGC "
-            f"{_mean_other_scale(results['aggc'], labels, out['fault_group'], start, end):.3g}"
-            f" (1 = untouched). Smallest factors during the fault: {fault_caption(out)}.",
-        ]
-    if getattr(args, "aggc_changed", None):
-        flags = ", ".join(f"{flag} {value}" for flag, value in args.aggc_changed.items())
-        lines += ["", f"AGGC flags changed from the LoRA SFT recipe: {flags}."]
-        return "\n".join(lines) + "\n"
+        lines += ["", f"During the fault (steps {start}-{end - 1}), the factor applied to each "
+                  "group's gradient norm (1 = untouched):", ""]  # fmt: skip
+        lines += [f"- {clause}" for clause in fault_caption(out)]
+    lines += ["", normal_sentence(out), ""]
     lines += [
+        f"Steps on which each group's gradient was rescaled (of {args.steps}; factor further "
+        f"than {FACTOR_TOL:g} from 1). Global clipping rescales all groups together.",
         "",
-        "Note: the recipe's interval is inverted (alpha_low 0.95 > alpha_high 0.6) and its "
-        "downward scale has a 0.9 floor, so AGGC multiplies a group by 0.9 on nearly every "
-        "step on which its norm exceeds 0.6x its EMA, which is almost every step. AdamW is "
-        "nearly invariant to such a steady factor, so the AGGC run tracks the unclipped run; "
-        "the difference shows when one group leaves its own history.",
+        "| group | parameters | AGGC: clipped down | AGGC: raised | LoRA SFT: clipped down "
+        "| LoRA SFT: raised | global clip: clipped |",
+        "|---|---|---|---|---|---|---|",
     ]
+    f_aggc, f_lora, f_glob = (factors(out, run) for run in ("aggc", "lora_sft", "global_clip"))
+    for j, label in enumerate(labels):
+        counts = [
+            int(np.sum(f_aggc[:, j] < 1 - FACTOR_TOL)),
+            int(np.sum(f_aggc[:, j] > 1 + FACTOR_TOL)),
+            int(np.sum(f_lora[:, j] < 1 - FACTOR_TOL)),
+            int(np.sum(f_lora[:, j] > 1 + FACTOR_TOL)),
+            int(np.sum(f_glob[:, j] < 1 - FACTOR_TOL)),
+        ]
+        lines.append(
+            f"| {label} | {info['groups'][label]['num_params']:,} | "
+            + " | ".join(str(c) for c in counts)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def _after_fault(out: dict[str, Any]) -> int:
-    """The first evaluation step at or after the end of the fault window."""
-    evals = [s + 1 for s, _, _ in out["results"]["aggc"]["eval"]]
-    return next((s for s in evals if s >= out["window"][1]), evals[-1])
+def write_tensorboard(out: dict[str, Any], folder: str) -> str:
+    """Every run's curves as TensorBoard scalars under ``<run>/...``; returns the folder."""
+    from tensorboardX import SummaryWriter
 
-
-def _mean_other_scale(
-    r: dict[str, Any], labels: list[str], fault_group: str, a: int, b: int
-) -> float:
-    keep = [j for j, label in enumerate(labels) if label != fault_group]
-    before, after = r["before"][a:b, keep], r["after"][a:b, keep]
-    return float(np.mean(after / np.maximum(before, 1e-30)))
+    labels = out["labels"]
+    with SummaryWriter(folder) as writer:
+        for run, r in out["results"].items():
+            f = group_factors(r["before"], r["after"])
+            for step in range(len(r["loss"])):
+                writer.add_scalar(f"{run}/loss", float(r["loss"][step]), step)
+                for j, label in enumerate(labels):
+                    writer.add_scalar(
+                        f"{run}/norm_before/{label}", float(r["before"][step, j]), step
+                    )
+                    writer.add_scalar(f"{run}/factor/{label}", float(f[step, j]), step)
+                for key, value in (r["scalars"][step] if r["scalars"] else {}).items():
+                    writer.add_scalar(f"{run}/{key}", float(value), step)
+            for step, loss, acc in r["eval"]:
+                writer.add_scalar(f"{run}/heldout_loss", loss, step)
+                writer.add_scalar(f"{run}/heldout_accuracy", acc, step)
+    return folder
 
 
 def print_groups(info: dict[str, Any]) -> None:
     print("AGGC groups (aggc_optax.describe_groups):")
     for label, entry in info["groups"].items():
-        print(f"  {label:<26} {len(entry['leaves']):>2} leaves {entry['num_params']:>8,} params")
+        leaves = len(entry["leaves"])
+        print(
+            f"  {label:<26} {leaves:>2} {'leaf' if leaves == 1 else 'leaves'} "
+            f"{entry['num_params']:>8,} params"
+        )
     if info["unlabelled"]:
         print(f"  left out (never clipped): {info['unlabelled']}")
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
-    parser.add_argument("--out", default=os.path.join("runs", "train_lm"), help="output folder")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--mlp-dim", type=int, default=172)
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clip threshold")
-    parser.add_argument("--problems", type=int, default=20000, help="training problems generated")
-    parser.add_argument("--eval-batch", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        choices=("text", "arithmetic"),
+        default="text",
+        help="text: byte-level real text (--corpus); arithmetic: character-level word "
+        "problems generated in this script",
+    )
+    data.add_argument(
+        "--corpus",
+        default=None,
+        metavar="PATH",
+        help="with --data text: a text file or a folder of text files. Unset: the running "
+        "Python's standard library (examples/text_corpus.py)",
+    )
+    data.add_argument(
+        "--problems",
+        type=int,
+        default=20000,
+        help="with --data arithmetic: training problems generated (>= 100)",
+    )
+    data.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence")
+    data.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
+    data.add_argument(
+        "--eval-batch", type=int, default=256, help="held-out windows of --seq-len + 1 tokens"
+    )
+    data.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    model = parser.add_argument_group("model (LLaMA-style decoder)")
+    model.add_argument("--d-model", type=int, default=64, help="model width")
+    model.add_argument("--layers", type=int, default=2, help="decoder layers")
+    model.add_argument(
+        "--heads", type=int, default=4, help="attention heads (--d-model / heads must be even)"
+    )
+    model.add_argument("--mlp-dim", type=int, default=172, help="MLP hidden width")
+    train_flags = parser.add_argument_group("training")
+    train_flags.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    train_flags.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="AdamW peak learning rate (linear warm-up over 5%% of the run, cosine decay to "
+        "a tenth)",
+    )
+    train_flags.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    train_flags.add_argument(
+        "--clip-norm", type=float, default=1.0, help="threshold of the global-clip run"
+    )
+    fault = parser.add_argument_group("fault injection")
+    fault.add_argument(
         "--fault-group", default="v_proj", help="group whose gradients are corrupted, or 'none'"
     )
-    parser.add_argument("--fault-scale", type=float, default=100.0, help="gradient multiplier")
-    parser.add_argument(
+    fault.add_argument(
+        "--fault-scale", type=float, default=100.0, help="multiplier of the faulty gradients"
+    )
+    fault.add_argument(
         "--fault-steps",
         default="auto",
         help="START:END (END exclusive), 'auto' (steps 10%%-20%% of the run) or 'none'",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default=os.path.join("runs", "train_lm"), help="output folder")
+    output.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard event files to DIR (needs tensorboardX): per run "
+        "(tag prefix: the run's name) the loss, held-out loss, each group's norm and factor, "
+        "and the AGGC runs' aggc_optax.metrics (tags <run>/aggc/...). Unset: none",
+    )
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
     aggc_flags = add_aggc_arguments(parser)
-    # The main job shows aggc()'s own default fault policy; --nonfinite reference
-    # gives the authors' clipper exactly.
-    parser.set_defaults(nonfinite="skip")
     args = parser.parse_args(argv)
     args.aggc_changed = {
         action.option_strings[0]: getattr(args, action.dest)
@@ -754,9 +1104,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     if args.problems < 100:
         parser.error(f"--problems must be >= 100, got {args.problems}")
+    if args.corpus is not None and args.data != "text":
+        parser.error("--corpus is for --data text")
+    if args.tensorboard:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            parser.error('--tensorboard needs tensorboardX: pip install "aggc_optax[examples]"')
+    return args
 
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     out = train(args)
     out["fault_group"] = args.fault_group
+    out["aggc_name"] = aggc_name(args)
     fault_text = ""
     if out["window"] is not None:
         start, end = out["window"]
@@ -765,23 +1127,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     folder = args.out
     write_csvs(out, folder)
-    plot_losses(out, os.path.join(folder, "loss.png"), fault_text)
-    plot_group_norms(
-        out,
-        os.path.join(folder, "per_module_clip.csv"),
-        os.path.join(folder, "group_norms.png"),
-        fault_text,
-    )
-    plot_clip_scales(out, os.path.join(folder, "clip_scales.png"), fault_text)
+    figures = {
+        "loss.png": plot_losses(out, os.path.join(folder, "loss.png"), fault_text),
+        "group_norms.png": plot_group_norms(
+            out,
+            os.path.join(folder, "per_module_clip.csv"),
+            os.path.join(folder, "group_norms.png"),
+            fault_text,
+        ),
+        "clip_scales.png": plot_clip_scales(
+            out, os.path.join(folder, "clip_scales.png"), fault_text
+        ),
+    }
     summary = summarize(out, args, fault_text)
+    # The figures' titles, here too, so they can be read (and tested) as text.
+    summary += "\n## Figure titles\n\n" + "".join(
+        f"- `{name}`: {fig.get_suptitle().replace(chr(10), ' / ')}\n"
+        for name, fig in figures.items()
+    )
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write(summary)
+    written = (
+        "loss.png, group_norms.png, clip_scales.png, per_module_clip.csv, group_norms.csv, "
+        "losses.csv, heldout.csv, summary.md"
+    )
+    if args.tensorboard:
+        write_tensorboard(out, args.tensorboard)
+        written += f"; TensorBoard events to {args.tensorboard}/"
     print()
     print(summary)
-    print(
-        f"Wrote to {folder}/: loss.png, group_norms.png, clip_scales.png, per_module_clip.csv, "
-        "group_norms.csv, losses.csv, summary.md"
-    )
+    print(f"Wrote to {folder}/: {written}")
     return out
 
 

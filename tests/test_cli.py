@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from aggc_optax import aggc, from_reference_options, group_stats, presets
-from aggc_optax.cli import add_aggc_arguments, aggc_from_args, cosine_ramp
+from aggc_optax.cli import HelpFormatter, add_aggc_arguments, aggc_from_args, cosine_ramp
 from tests.test_presets import GRPO, LORA, _assert_same_trajectory, _run, _trajectory
 
 
@@ -26,13 +26,29 @@ def _parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_no_flags_is_the_lora_recipe_exactly() -> None:
+def test_no_flags_is_aggc_defaults_and_lora_sft_is_the_recipe_exactly() -> None:
     traj = _trajectory(16)
     args = _parse()
-    assert args.aggc_preset == "lora_sft" and args.steps == 10
-    got = _run(aggc_from_args(args, total_steps=16), traj)
+    assert args.aggc_preset == "default" and args.steps == 10
+    _assert_same_trajectory(_run(aggc_from_args(args, total_steps=16), traj), _run(aggc(), traj))
+    got = _run(aggc_from_args(_parse("--aggc-preset", "lora_sft"), total_steps=16), traj)
     want = from_reference_options(LORA, total_steps=16, nonfinite="skip")  # presets.lora_sft's
     _assert_same_trajectory(got, _run(want, traj))
+
+
+def test_help_gives_every_flag_a_text_and_its_unset_value() -> None:
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    group = add_aggc_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "(default: default)" in text
+    for action in group._group_actions:
+        assert action.help, action.option_strings
+    # Each numeric flag names its value under every preset, taken from the code.
+    assert "--ema-beta X decay beta" in text
+    assert "Unset: default 0.99, lora_sft 0.95, grpo 0.99, adagc 0.98." in text
+    assert "--high-mult X alpha_high" in text
+    assert "Unset: default 2, lora_sft 0.6, grpo 0.7, adagc 1.05." in text
+    assert "Unset: default off, lora_sft 0.9, grpo 0.9." in text  # --max-down-scale
 
 
 def test_each_option_flag_reaches_the_transformation() -> None:
@@ -50,7 +66,8 @@ def test_each_option_flag_reaches_the_transformation() -> None:
         variant="paper", nonfinite="reference", group_hyperparams=gh,
     )  # fmt: skip
     _assert_same_trajectory(got, _run(want, traj))
-    args = _parse("--ema-init", "bias_corrected", "--max-down-scale", "0")
+    args = _parse("--aggc-preset", "lora_sft", "--ema-init", "bias_corrected",
+                  "--max-down-scale", "0")  # fmt: skip
     got = _run(aggc_from_args(args, total_steps=12), traj)
     want = from_reference_options(dict(LORA, max_down_scale=0.0), total_steps=12,
                                   ema_init="bias_corrected", nonfinite="skip")  # fmt: skip
@@ -94,7 +111,7 @@ def _hand_cosine(t: int, base: float, late: float, start: int, length: int) -> f
 def test_cosine_multiplier_schedule_by_hand() -> None:
     # lora_sft, T = 20: base until round(0.4 * 20) = 8, cosine over round(0.3 * 20) = 6
     traj = _trajectory(20)
-    args = _parse("--multiplier-schedule", "cosine")
+    args = _parse("--aggc-preset", "lora_sft", "--multiplier-schedule", "cosine")
     _, stats = _run(aggc_from_args(args, total_steps=20), traj)
     lows, highs = _multipliers_used(stats, "up_proj")
     for t in range(1, 20):
@@ -116,7 +133,8 @@ def test_linear_and_constant_schedules_by_hand() -> None:
     assert highs[8 - 1] == pytest.approx(2.0, rel=1e-5)
     assert highs[11 - 1] == pytest.approx(2.5, rel=1e-5)
     assert highs[14 - 1] == pytest.approx(3.0, rel=1e-5)
-    args = _parse("--multiplier-schedule", "constant", "--high-mult", "0.8")
+    args = _parse("--aggc-preset", "lora_sft", "--multiplier-schedule", "constant",
+                  "--high-mult", "0.8")  # fmt: skip
     _, stats = _run(aggc_from_args(args, total_steps=20), traj)
     _, highs = _multipliers_used(stats, "up_proj")
     assert highs == pytest.approx([0.8] * 19, rel=1e-5)

@@ -119,3 +119,19 @@ def test_bad_arguments_are_named():
         plotting.plot_group_norms([1, 2])
     with pytest.raises(ValueError, match="no group to plot"):
         plotting.plot_group_norms(data, groups=[])
+
+
+def test_an_all_zero_lower_bound_gets_no_legend_entry():
+    # aggc() without low_mult / min_norm logs lower = 0: nothing to draw on a log axis.
+    steps = np.arange(3)
+    data = {"q_proj": {"step": steps, "norm": np.ones(3), "scale": np.ones(3),
+                       "lower": np.zeros(3), "upper": np.full(3, 2.0)}}  # fmt: skip
+    fig = plotting.plot_group_norms(data)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == [
+        "norm before clipping",
+        "norm after clipping",
+        "upper bound U (clip down above)",
+    ]
+    fig = plotting.plot_group_norms(data, log_scale=False)  # a linear axis shows the zero line
+    assert len(fig.legends[0].get_texts()) == 4
