@@ -722,7 +722,7 @@ def _build(config: Config) -> optax.GradientTransformationExtraArgs:
 
 def aggc(
     *,
-    high_mult: float | jax.Array | optax.Schedule = 2.0,
+    high_mult: float | jax.Array | optax.Schedule = _config.DEFAULT_HIGH_MULT,
     ema_beta: float | jax.Array = 0.99,
     ema_init: str = "first",
     low_mult: float | jax.Array | optax.Schedule | None = None,

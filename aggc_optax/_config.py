@@ -21,6 +21,9 @@ import numpy as np
 from aggc_optax import _labels, _validation
 from aggc_optax._labels import ParamLabels
 
+# aggc()'s default high_mult, chosen in docs/stability.md; one copy for the signature and checks.
+DEFAULT_HIGH_MULT = 3.0
+
 NONFINITE_POLICIES = ("skip", "reference")
 VARIANTS = ("reference", "paper")
 EMA_INITS = ("zero", "first", "bias_corrected")
@@ -276,7 +279,9 @@ def aggc_config(
     fields = {key: _AGGC_CHECKS[key](key, value) for key, value in fields.items()}
     auto_bounds = _validation.check_bool("auto_bounds", auto_bounds)
     high = fields["high_mult"]
-    if not auto_bounds and (callable(high) or (not _validation.is_traced(high) and high != 2.0)):
+    if not auto_bounds and (
+        callable(high) or (not _validation.is_traced(high) and high != DEFAULT_HIGH_MULT)
+    ):
         raise ValueError(
             "high_mult scales the EMA, which auto_bounds=False does not use; the fixed "
             "upper bound is max_norm"

@@ -284,7 +284,7 @@ def _default(args: argparse.Namespace, given: Mapping[str, Any], total_steps: in
         values = {**REFERENCE_DEFAULTS, **given}
         for key in ("low_mult", "high_mult"):
             if key in kwargs or key == "high_mult":
-                base = kwargs.get(key, 2.0)
+                base = kwargs.get(key, _config.DEFAULT_HIGH_MULT)
                 kwargs[key] = _ramp(schedule, base, values[f"{key}_late"], values, total_steps)
     for key, value in (
         ("variant", args.variant),

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -70,15 +71,26 @@ from train_lm import (
 
 Builder = Callable[[int], optax.GradientTransformation]
 
+# Recorded with each run, so a record says what "the defaults" were when it ran.
+_AGGC_DEFAULTS = {
+    k: v.default
+    for k, v in inspect.signature(aggc_optax.aggc).parameters.items()
+    if v.default is not inspect.Parameter.empty
+}
+
 METHODS: dict[str, tuple[str, Builder]] = {
     "adamw": ("AdamW alone, no clipping", lambda t: optax.identity()),
     "global_clip": ("optax.clip_by_global_norm(1.0)", lambda t: optax.clip_by_global_norm(1.0)),
-    "aggc_default": ("aggc() with its defaults", lambda t: aggc_optax.aggc()),
+    "aggc_default": (
+        f"aggc() with its defaults (high_mult={_AGGC_DEFAULTS['high_mult']}, "
+        f"ema_beta={_AGGC_DEFAULTS['ema_beta']}, ema_init={_AGGC_DEFAULTS['ema_init']!r})",
+        lambda t: aggc_optax.aggc(),
+    ),
     "lora_sft": ("presets.lora_sft(total_steps)", lambda t: presets.lora_sft(t)),
     "grpo": ("presets.grpo() (as the authors ran it)", lambda t: presets.grpo()),
     "adagc": ("presets.adagc() (per tensor)", lambda t: presets.adagc()),
     "aggc_high1.5": ("aggc(high_mult=1.5)", lambda t: aggc_optax.aggc(high_mult=1.5)),
-    "aggc_high3": ("aggc(high_mult=3.0)", lambda t: aggc_optax.aggc(high_mult=3.0)),
+    "aggc_high2": ("aggc(high_mult=2.0)", lambda t: aggc_optax.aggc(high_mult=2.0)),
     "aggc_beta0.95": ("aggc(ema_beta=0.95)", lambda t: aggc_optax.aggc(ema_beta=0.95)),
     "aggc_ema_zero": ('aggc(ema_init="zero")', lambda t: aggc_optax.aggc(ema_init="zero")),
 }
@@ -555,7 +567,9 @@ def summary_md(analysis: dict[str, Any], setup: Setup, meta: dict[str, Any]) -> 
             + " |"
         )
     lines += ["", "Methods:", ""]
-    lines += [f"- `{k}`: {METHODS[k][0]}" for k in m]
+    # the record's own descriptions: what a method meant when it ran, not what it means now
+    described = meta.get("methods", {})
+    lines += [f"- `{k}`: {described.get(k, METHODS[k][0])}" for k in m]
     return "\n".join(lines) + "\n"
 
 
@@ -830,6 +844,57 @@ def setup_of(record: dict[str, Any]) -> Setup:
         fields[key] = tuple(fields[key])
     fields["model"] = ModelConfig(**fields["model"])
     return Setup(**fields)
+
+
+def pooled_sweep(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[int, float]]:
+    """Final held-out loss by ``(method, rate)`` and seed, over several study records.
+
+    Only records with the same corpus, model and schedule may be pooled; a seed
+    that two records both ran must agree (same seed, same run).
+    """
+    keys = ("model", "steps", "batch_size", "seq_len", "weight_decay")
+    first = records[0]
+    pooled: dict[tuple[str, float], dict[int, float]] = {}
+    for record in records:
+        if record["corpus"]["sha256"] != first["corpus"]["sha256"] or any(
+            record["setup"][k] != first["setup"][k] for k in keys
+        ):
+            raise ValueError("records differ in corpus or setup; they cannot be pooled")
+        for run in record["runs"]:
+            if run["kind"] != "sweep":
+                continue
+            seeds = pooled.setdefault((run["method"], float(run["lr"])), {})
+            loss = finite_or_inf(run["final_heldout"])
+            if run["seed"] in seeds and seeds[run["seed"]] != loss:
+                raise ValueError(f"seed {run['seed']} differs between records")
+            seeds[run["seed"]] = loss
+    return pooled
+
+
+def pooled_md(records: Sequence[dict[str, Any]], methods: Sequence[str]) -> str:
+    """Markdown table of :func:`pooled_sweep` (seed mean ± std) at the rates all records ran."""
+    pooled = pooled_sweep(records)
+    # the rates every record ran: there the seeds of all records pool
+    rates = sorted(set.intersection(*(set(map(float, r["setup"]["rates"])) for r in records)))
+    lines = [
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for k in methods:
+        cells = []
+        for lr in rates:
+            v = np.array(list(pooled[(k, lr)].values()))
+            cells.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f} (n={v.size})")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_below(
+    pooled: dict[tuple[str, float], dict[int, float]], a: str, b: str, lr: float
+) -> tuple[int, int]:
+    """On how many of the seeds both ran at ``lr`` method ``a`` ended below ``b``."""
+    common = sorted(set(pooled[(a, lr)]) & set(pooled[(b, lr)]))
+    return sum(pooled[(a, lr)][s] < pooled[(b, lr)][s] for s in common), len(common)
 
 
 def write_reports(record: dict[str, Any], out: str, *, quiet: bool = False) -> None:
