@@ -125,7 +125,7 @@ def stats_rows(state_or_stats: Any, step: int) -> list[dict[str, Any]]:
       >>> _, state = tx.update({"model": {"norm": {"weight": jnp.full(3, 2.0)}}}, state)
       >>> row = aggc_optax.stats_rows(state, step=0)[0]
       >>> row["module"], round(row["norm"], 4), round(row["upper"], 4), row["scale"]
-      ('norm', 3.4641, 6.9282, 1.0)
+      ('norm', 3.4641, 10.3923, 1.0)
 
       The first step's EMA is its own norm (``ema_init="first"``), so the upper
       bound is ``2 x 3.4641`` and nothing is clipped.
@@ -165,8 +165,8 @@ class CSVLogger:
       ...         logger.log(state, step)
       >>> print(open(os.path.join(folder, "per_module_clip.csv")).read().strip())
       step,module,norm,lower,upper,scale
-      0,q_proj,2.0,0.0,4.0,1.0
-      1,q_proj,10.0,0.0,4.0,0.4...
+      0,q_proj,2.0,0.0,6.0,1.0
+      1,q_proj,10.0,0.0,6.0,0.6...
 
       Step 1's norm 10 leaves the interval ``[0, 2 x EMA] = [0, 4]`` and is
       scaled down to 4.

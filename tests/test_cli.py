@@ -47,7 +47,7 @@ def test_help_gives_every_flag_a_text_and_its_unset_value() -> None:
     assert "--ema-beta X decay beta" in text
     assert "Unset: default 0.99, lora_sft 0.95, grpo 0.99, adagc 0.98." in text
     assert "--high-mult X alpha_high" in text
-    assert "Unset: default 2, lora_sft 0.6, grpo 0.7, adagc 1.05." in text
+    assert "Unset: default 3, lora_sft 0.6, grpo 0.7, adagc 1.05." in text
     assert "Unset: default off, lora_sft 0.9, grpo 0.9." in text  # --max-down-scale
 
 
@@ -122,17 +122,17 @@ def test_cosine_multiplier_schedule_by_hand() -> None:
 
 def test_linear_and_constant_schedules_by_hand() -> None:
     traj = _trajectory(20)
-    # default preset + linear: the reference ramp from aggc()'s 2.0 to 3.0, T = 20,
+    # default preset + linear: the reference ramp from aggc()'s 3.0 to 4.0, T = 20,
     # s = 0.4, w = 0.3: base for t <= 8, late for t >= 14, t = 11: a = 0.15 / 0.3 = 0.5
     args = _parse(
-        "--aggc-preset", "default", "--multiplier-schedule", "linear", "--high-mult-late", "3",
+        "--aggc-preset", "default", "--multiplier-schedule", "linear", "--high-mult-late", "4",
         "--bounds-switch-ratio", "0.4", "--bounds-transition-ratio", "0.3",
     )  # fmt: skip
     _, stats = _run(aggc_from_args(args, total_steps=20), traj)
     _, highs = _multipliers_used(stats, "up_proj")
-    assert highs[8 - 1] == pytest.approx(2.0, rel=1e-5)
-    assert highs[11 - 1] == pytest.approx(2.5, rel=1e-5)
-    assert highs[14 - 1] == pytest.approx(3.0, rel=1e-5)
+    assert highs[8 - 1] == pytest.approx(3.0, rel=1e-5)
+    assert highs[11 - 1] == pytest.approx(3.5, rel=1e-5)
+    assert highs[14 - 1] == pytest.approx(4.0, rel=1e-5)
     args = _parse("--aggc-preset", "lora_sft", "--multiplier-schedule", "constant",
                   "--high-mult", "0.8")  # fmt: skip
     _, stats = _run(aggc_from_args(args, total_steps=20), traj)

@@ -45,7 +45,7 @@ def test_aggc_group_whose_squares_overflow_is_clipped(jit: bool) -> None:
     # clipped like any other (EMA fed the post-clip norm), the other group is
     # untouched and nothing in the state is non-finite.
     labels = {"q": "q", "k": "k"}
-    tx = aggc_optax.aggc(param_labels=labels)
+    tx = aggc_optax.aggc(high_mult=2.0, param_labels=labels)
     g0 = {"q": jnp.full((4,), 1.0), "k": jnp.full((4,), 1.0)}
     state = tx.init(g0)
     _, state = _update(tx, g0, state, jit)  # EMA starts at the first norm, 2 (by hand)
@@ -240,7 +240,7 @@ def test_lora_sft_default_nan_policy_is_skip() -> None:
 @pytest.mark.parametrize("beta", [float("nan"), 1.0, -3.0, float("inf")])
 def test_bad_injected_ema_beta_skips_the_step(jit: bool, beta: float) -> None:
     tx = optax.inject_hyperparams(aggc_optax.aggc, static_args=("param_labels",))(
-        ema_beta=0.5, param_labels={"a": "a", "b": None}
+        ema_beta=0.5, high_mult=2.0, param_labels={"a": "a", "b": None}
     )
     g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
     state = tx.init(g)
@@ -279,7 +279,7 @@ def test_injected_max_down_scale_above_one_is_a_fault(jit: bool) -> None:
 
 @JIT
 def test_nan_in_restored_ema_restarts_the_group(jit: bool) -> None:
-    tx = aggc_optax.aggc(param_labels={"a": "a"})
+    tx = aggc_optax.aggc(high_mult=2.0, param_labels={"a": "a"})
     g = {"a": jnp.array([3.0, 4.0])}
     state = tx.init(g)
     _, state = _update(tx, g, state, jit)
