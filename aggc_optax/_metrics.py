@@ -123,13 +123,13 @@ def metrics(opt_state: Any, prefix: str = "aggc", labels: Any = None) -> dict[st
       >>> state = tx.init(params)
       >>> step = jax.jit(tx.update)
       >>> grads = lambda q: {"q_proj": {"weight": jnp.full(4, q)}, "v_proj": params["v_proj"]}
-      >>> _, state = step(grads(1.0), state)  # norms 2: the EMAs start at 2, bounds 4
-      >>> _, state = step(grads(3.0), state)  # q_proj's norm 6 is clipped to 4
+      >>> _, state = step(grads(1.0), state)  # norms 2: the EMAs start at 2, bounds 6
+      >>> _, state = step(grads(4.0), state)  # q_proj's norm 8 is clipped to 6
       >>> m = aggc_optax.metrics(state)
       >>> m["aggc/q_proj/norm"], m["aggc/q_proj/upper"], m["aggc/q_proj/clipped"]
-      (6.0, 4.0, 1.0)
-      >>> round(m["aggc/global_norm_after"], 5), round((4.0**2 + 2.0**2) ** 0.5, 5)
-      (4.47214, 4.47214)
+      (8.0, 6.0, 1.0)
+      >>> round(m["aggc/global_norm_after"], 5), round((6.0**2 + 2.0**2) ** 0.5, 5)
+      (6.32456, 6.32456)
     """
     states = cached_states(opt_state) if labels is None else find_aggc_states(opt_state, labels)
     if not states:

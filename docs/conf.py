@@ -18,7 +18,7 @@ import aggc_optax  # noqa: E402
 project = "aggc_optax"
 release = version = aggc_optax.__version__
 author = "aggc_optax contributors"
-copyright = "aggc_optax contributors, Apache-2.0"  # noqa: A001
+copyright = "aggc_optax contributors, Apache-2.0"
 
 extensions = [
     "myst_parser",

@@ -25,6 +25,7 @@ NORM = "model.norm.weight"
 PLAIN = dict(ema_beta=0.9, low_mult=0.5, high_mult=2.0, min_norm=0.0, ema_init="zero")
 # The same without raising (no lower bound given).
 NO_RAISE = dict(ema_beta=0.9, high_mult=2.0, ema_init="zero")
+STATIC = dict(ema_beta=0.9, ema_init="zero")  # auto_bounds=False refuses a high_mult
 
 
 def _grads(scales: dict[str, float], seed: int = 0) -> dict[str, jax.Array]:
@@ -131,7 +132,7 @@ def test_all_zero_group_has_norm_1e_8_and_feeds_the_ema_its_intended_norm() -> N
 
 def test_static_bounds_still_update_the_ema() -> None:
     g = {Q: jnp.array([3.0, 4.0])}
-    tx = aggc(**dict(NO_RAISE, auto_bounds=False, min_norm=1.0, max_norm=2.0))
+    tx = aggc(**dict(STATIC, auto_bounds=False, min_norm=1.0, max_norm=2.0))
     outs, _ = _run(tx, [g, g])
     for _, stats in outs:
         assert float(stats["q_proj"]["upper"]) == 2.0
@@ -185,7 +186,7 @@ def _spike_trajectory(steps: int = 24) -> list[dict[str, jax.Array]]:
         PLAIN,
         dict(PLAIN, max_down_scale=0.9, max_up_scale=1.1, min_norm=0.01),
         dict(ema_beta=0.95, high_mult=0.6, max_down_scale=0.9, ema_init="zero"),  # LoRA-like
-        dict(NO_RAISE, auto_bounds=False, min_norm=0.5, max_norm=3.0),
+        dict(STATIC, auto_bounds=False, min_norm=0.5, max_norm=3.0),
         dict(PLAIN, low_mult=0.98, high_mult=1.02, ema_beta=0.5),  # a tiny window
     ],
 )

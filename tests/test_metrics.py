@@ -28,6 +28,7 @@ def _two_steps(**kwargs):
     and v_proj entries ``v`` from kwargs.
     """
     v = kwargs.pop("v", 1.0)
+    kwargs.setdefault("high_mult", 2.0)  # the hand computation's bound: 2 x EMA
     tx = optax.chain(aggc_optax.aggc(**kwargs), optax.sgd(0.1))
     state = tx.init(_grads(1.0, 1.0))
     step = jax.jit(tx.update)

@@ -60,7 +60,7 @@ assert "site-packages" in aggc_optax.__file__, aggc_optax.__file__
 assert importlib.resources.files("aggc_optax").joinpath("py.typed").is_file()
 assert importlib.metadata.version("aggc_optax") == aggc_optax.__version__ == sys.argv[1]
 params = {"q_proj": {"weight": jnp.ones(4)}, "v_proj": {"weight": jnp.ones(4)}}
-tx = optax.chain(aggc_optax.aggc(), optax.sgd(0.1))
+tx = optax.chain(aggc_optax.aggc(high_mult=2.0), optax.sgd(0.1))
 step = jax.jit(tx.update)
 state = tx.init(params)
 _, state = step(params, state)
