@@ -48,9 +48,9 @@ class Progress:
         if self.quiet:
             return
         if self._bar is not None:
-            self._bar.update(k)
-            if status:
+            if status:  # set before update(), whose refresh then shows this step's status
                 self._bar.set_postfix_str(status, refresh=False)
+            self._bar.update(k)
             return
         if self.n % self._every == 0 or self.n >= self.total:
             elapsed = time.perf_counter() - self._start

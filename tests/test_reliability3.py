@@ -22,7 +22,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 import aggc_optax
-from aggc_optax import aggc, presets, regex_labeler
+from aggc_optax import aggc, presets
+from tests.test_validation import _namespace as validation_namespace
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 _ERROR_ROW = re.compile(r"^\| `(?P<expr>[^`]+)` \| `(?P<exc>\w+)` \| `(?P<msg>[^`]+)` \|$")
@@ -50,24 +51,15 @@ def q(x: Any) -> dict[str, Any]:
 
 
 def _namespace() -> dict[str, Any]:
-    params = {
-        "model": {
-            "layers": {"0": {"self_attn": {"q_proj": {"weight": jnp.ones((2, 2))}}}},
-            "norm": {"weight": jnp.ones(2)},
-        }
-    }
+    # the error table's names (tests/test_validation.py), plus what these rows use
     return {
-        "aggc": aggc,
+        **validation_namespace(),
         "aggc_optax": aggc_optax,
         "presets": presets,
-        "regex_labeler": regex_labeler,
         "optax": optax,
         "jax": jax,
-        "jnp": jnp,
-        "np": np,
         "P": PartitionSpec,
         "mesh": jax.make_mesh((1,), ("d",)),
-        "params": params,
         "q": q,
         "big": {"a": jnp.array([1e20, 1e20]), "b": jnp.array([1.0, 2.0])},
         "math": math,
