@@ -490,7 +490,8 @@ def _warn_unlabelled(config: Config, params: Any, placement: Placement) -> None:
     first = ", ".join(repr(name) for name, _ in left_out[:5])
     message = (
         f"aggc: the default label rule (aggc_optax.reference_label) puts {len(left_out)} "
-        f"floating-point leaves ({share:.1%} of all parameters) in no group, so they are never "
+        f"floating-point {'leaf' if len(left_out) == 1 else 'leaves'} ({share:.1%} of all "
+        "parameters) in no group, so they are never "
         f"clipped: {first}{', ...' if len(left_out) > 5 else ''}. See "
         "aggc_optax.describe_groups(params); label them with param_labels (e.g. "
         "aggc_optax.module_labels), or pass unlabelled='ignore' if that is intended."

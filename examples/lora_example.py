@@ -132,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(
             f"  {label:<10} {len(entry['leaves'])} adapter matrices, {entry['num_params']} params"
         )
-    print(f"  left out (frozen, never clipped): {len(info['unlabelled'])} leaves")
+    n = len(info["unlabelled"])
+    print(f"  left out (frozen, never clipped): {n} {'leaf' if n == 1 else 'leaves'}")
 
     def role(path: Any, _: Any) -> str:
         return "adapter" if aggc_optax.lora_label(aggc_optax.path_name(path)) else "frozen"

@@ -80,10 +80,10 @@ def test_the_default_rule_warns_about_left_out_float_leaves() -> None:
         aggc().init(_left_out_params())
     (message,) = [str(w.message) for w in caught]
     # 1 float leaf of 1 entry out of 11 entries in all
-    assert "puts 1 floating-point leaves (9.1% of all parameters) in no group" in message
+    assert "puts 1 floating-point leaf (9.1% of all parameters) in no group" in message
     assert "'logit_scale'" in message and "'step'" not in message
     assert "aggc_optax.describe_groups" in message and "aggc_optax.module_labels" in message
-    with pytest.raises(ValueError, match="puts 1 floating-point leaves"):
+    with pytest.raises(ValueError, match="puts 1 floating-point leaf "):
         aggc(unlabelled="error").init(_left_out_params())
 
 
