@@ -468,7 +468,7 @@ def _check_placement(placement: Placement, leaves: list[Any], labels: tuple[str,
 
 def _is_float_leaf(leaf: Any) -> bool:
     try:
-        return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+        return jnp.issubdtype(_leaf_dtype("", leaf), jnp.floating)
     except TypeError:  # a str or other non-array leaf left out of every group
         return False
 

@@ -7,8 +7,10 @@ the summary states is recomputed here from the per-run records of
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -17,6 +19,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import aggc_optax
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -232,8 +236,6 @@ DOCS = os.path.join(os.path.dirname(EXAMPLES), "docs")
 
 
 def _record(name):
-    import gzip
-
     with gzip.open(os.path.join(DOCS, "data", name), "rt") as f:
         return json.load(f)
 
@@ -413,16 +415,10 @@ def test_docs_followup_and_default_claims_hold(vendored, followup):
     assert share["aggc_default"] < share["aggc_high2"] < share["global_clip"]
     # "Why the defaults": high_mult=3 moved little between code versions is checked in
     # test_docs_knife_edge_claim_holds_against_the_earlier_run; here the library default itself
-    import inspect
-
-    import aggc_optax
-
     assert inspect.signature(aggc_optax.aggc).parameters["high_mult"].default == 3.0
 
 
 def test_readme_and_docstring_numbers_are_the_vendored_runs(vendored):
-    import aggc_optax
-
     m = vendored["analysis"]["methods"]["aggc_default"]
     g = vendored["analysis"]["methods"]["global_clip"]["group_fault"]
     numbers = [
