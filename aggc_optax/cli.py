@@ -355,5 +355,44 @@ def aggc_from_args(
     return _recipe(args, given, total_steps)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aggc_optax.cli``: lists the AGGC flags (``--help``) and checks a set of them.
+
+    With flags, builds the transformation they describe (exactly as a training
+    script's :func:`aggc_from_args` would) and says which it is; a combination
+    that cannot be built is an argparse error (exit status 2) naming the flag.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m aggc_optax.cli",
+        description="The AGGC flags a training script gets from "
+        "aggc_optax.cli.add_aggc_arguments(parser), built with aggc_from_args(args, "
+        "total_steps). Run with flags to check that they build a transformation.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--total-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the run's number of optimizer steps (the linear and cosine multiplier "
+        "schedules need it; lora_sft ramps by default). Unset: none.",
+    )
+    add_aggc_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        aggc_from_args(args, total_steps=args.total_steps)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    print(
+        f"aggc_optax: the flags build a valid AGGC transformation (--aggc-preset "
+        f"{args.aggc_preset}); a script adds them with add_aggc_arguments(parser) and builds "
+        "it with aggc_from_args(args, total_steps)."
+    )
+    return 0
+
+
 # cosine_ramp lives in aggc_optax._schedule; it stays importable from here.
-__all__ = ["HelpFormatter", "add_aggc_arguments", "aggc_from_args", "cosine_ramp"]
+__all__ = ["HelpFormatter", "add_aggc_arguments", "aggc_from_args", "cosine_ramp", "main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -90,17 +90,38 @@ def _status(t: int, total: int, loss: jax.Array) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=200, help="LoRA fine-tuning steps")
-    parser.add_argument("--rank", type=int, default=4)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=200,
+        help="AdamW steps of base-model pretraining on addition and subtraction problems",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=200, help="LoRA fine-tuning steps on multiplication"
+    )
+    parser.add_argument("--rank", type=int, default=4, help="rank of every LoRA adapter")
     parser.add_argument("--lr", type=float, default=1e-2, help="adapters' learning rate")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--problems", type=int, default=5000)
-    parser.add_argument("--out", default=None, help="if given, write per_module_clip.csv here")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per step (both phases)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=64, help="tokens (bytes) per training sequence"
+    )
+    parser.add_argument("--d-model", type=int, default=64, help="the model's width")
+    parser.add_argument("--layers", type=int, default=2, help="the model's decoder layers")
+    parser.add_argument(
+        "--problems",
+        type=int,
+        default=5000,
+        help="word problems generated for each phase's corpus",
+    )
+    parser.add_argument(
+        "--out", default=None, help="if given, write per_module_clip.csv here"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     for flag in ("pretrain_steps", "steps", "rank"):

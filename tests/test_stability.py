@@ -435,3 +435,57 @@ def test_readme_and_docstring_numbers_are_the_vendored_runs(vendored):
         assert text in " ".join(readme.split()), text
         assert text in doc, text
         assert text in hyper, text
+
+
+def test_within_claim_holds_on_every_record_it_speaks_for(vendored, followup):
+    # "within 0.07 of AdamW alone at every learning rate of the 3-seed sweep (1e-3 to 3)"
+    # speaks for the full run; "0.27 above it at lr 3 over 8 seeds (3.345 against 3.076)"
+    # for the full run's seeds 0-2 pooled with the follow-up's 3-7.
+    m = vendored["analysis"]["methods"]
+    assert len(vendored["setup"]["seeds"]) == 3
+    assert vendored["setup"]["rates"][0] == 0.001 and vendored["setup"]["rates"][-1] == 3.0
+    gaps = np.array(m["aggc_default"]["mean_by_rate"]) - np.array(m["adamw"]["mean_by_rate"])
+    assert np.max(np.abs(gaps)) < 0.07
+    high2 = np.array(m["aggc_high2"]["mean_by_rate"]) - np.array(m["adamw"]["mean_by_rate"])
+    assert np.max(np.abs(high2)) > 0.07  # "where high_mult=2.0 did not"
+    pooled = stability.pooled_sweep([vendored, followup])
+
+    def mean(method, lr):
+        seeds = pooled[(method, lr)]
+        assert len(seeds) == 8, (method, lr)
+        return float(np.mean(list(seeds.values())))
+
+    assert f"{mean('aggc_default', 3.0):.3f}" == "3.345" and f"{mean('adamw', 3.0):.3f}" == "3.076"
+    assert round(mean("aggc_default", 3.0) - mean("adamw", 3.0), 2) == 0.27
+    # ... and not within 0.07 there: the 3-seed claim must not be read as one about 8 seeds
+    assert mean("aggc_default", 3.0) - mean("adamw", 3.0) > 0.07
+    # Every place that makes the claim says which run it speaks for and gives the 8-seed
+    # exception in the same breath.
+    readme = open(os.path.join(os.path.dirname(DOCS), "README.md")).read()
+    texts = {
+        "README.md": readme,
+        "aggc() docstring": aggc_optax.aggc.__doc__,
+        "docs/stability.md": open(os.path.join(DOCS, "stability.md")).read(),
+        "docs/hyperparameters.md": open(os.path.join(DOCS, "hyperparameters.md")).read(),
+    }
+    for where, text in texts.items():
+        flat = " ".join(text.split())
+        found = [i for i in range(len(flat)) if flat.lower().startswith("within 0.07", i)]
+        assert found, where
+        for i in found:
+            window = flat[max(0, i - 120) : i + 260]
+            assert "3-seed" in window or "3 seeds" in window, (where, window)
+            assert "8 seeds" in window and ("0.27 above" in window), (where, window)
+    assert "up to 3." not in " ".join(readme.split())
+
+
+def test_readme_says_where_the_study_numbers_come_from(vendored):
+    readme = " ".join(open(os.path.join(os.path.dirname(DOCS), "README.md")).read().split())
+    paragraph = readme[: readme.index("0.068x")]
+    paragraph = paragraph[paragraph.rindex("With its defaults") :]
+    # the numbers are the stability study's, not the main command's
+    assert (
+        "examples/stability.py" in paragraph and "separate run from the main command" in paragraph
+    )
+    m = vendored["analysis"]["methods"]["aggc_default"]
+    assert f"{100 * m['normal_rescaled_share']:.2f}%" in readme
