@@ -143,7 +143,9 @@ def _two_d_loss(p: Any, x: jax.Array) -> jax.Array:
     up = jax.lax.all_gather(mlp["up_proj"]["kernel"], "model", axis=1, tiled=True)
     down = jax.lax.all_gather(mlp["down_proj"]["kernel"], "data", axis=0, tiled=True)
     down = jax.lax.all_gather(down, "model", axis=1, tiled=True)
-    return _mlp(p, x[0], up, down)
+    # all_gather's result still varies over its axis: the mean over 'model' makes the
+    # loss one value per batch shard, as tensor-parallel code does before jax.grad
+    return jax.lax.pmean(_mlp(p, x[0], up, down), "model")
 
 
 def _two_d_step(mesh: Mesh, tx: optax.GradientTransformation, specs: Any) -> Any:

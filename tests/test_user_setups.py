@@ -145,11 +145,12 @@ def test_restore_into_other_labels_restarts_every_group_under_jit(tmp_path: Path
         # each group started afresh at the first step after the restore (as at init:
         # EMA from its first norm, counters from 0) and clipped the spike
         assert int(s["restart_count"]) == 1, label
-        assert float(s["scale"]) < 0.1, label
-        assert int(s["clip_down_count"]) == 1, label
+        assert float(s["norm"]) > float(s["upper"]) > 0, label  # the spike ...
+        assert float(s["scale"]) == pytest.approx(float(s["upper"] / s["norm"]), rel=1e-5)
+        assert int(s["clip_down_count"]) == 1, label  # ... clipped, and only it
     np.testing.assert_array_equal(np.asarray(state.ema_count), [5, 5])
     # the restart is in the metrics too, and said once in words there
-    with pytest.warns(UserWarning, match=r"started afresh.*layers\.\*\.self_attn\.q_proj"):
+    with pytest.warns(UserWarning, match=r"layers\.\*\.self_attn\.q_proj.*started afresh"):
         m = aggc_optax.metrics(optimizer.opt_state)
     assert m["aggc/layers.*.self_attn.q_proj/restart_count"] == 1.0
     with warnings.catch_warnings():
@@ -173,7 +174,7 @@ def test_restore_into_other_labels_is_said_by_check_state_and_eager_update(
         **{f: jnp.asarray(getattr(saved, f)) for f in state_array_fields(opt_state[0])}
     )
     grads = jax.tree.map(jnp.ones_like, params)
-    with pytest.warns(UserWarning, match=r"started afresh.*q_proj"):
+    with pytest.warns(UserWarning, match=r"no saved group.*q_proj.*started afresh"):
         _, new = tx.update(grads, (state, opt_state[1]), params)
     np.testing.assert_array_equal(np.asarray(new[0].restart_count), [1, 1])
     np.testing.assert_array_equal(np.asarray(new[0].ema_count), [1, 1])
