@@ -443,3 +443,17 @@ def test_sharded_child_suite_exit_status(child_run: ChildRun) -> None:
 @pytest.mark.parametrize("function", child_test_names(SUITE))
 def test_sharded(child_run: ChildRun, function: str) -> None:
     assert_child_test_passed(child_run, function)
+
+
+def test_reliability_doc_table_names_tests_that_exist() -> None:
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    block = text.split("<!-- user-setups-table:start -->")[1].split(
+        "<!-- user-setups-table:end -->"
+    )[0]
+    named = re.findall(r"\| `(test_\w+)` \|$", block, re.MULTILINE)
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "`test_" in line]
+    assert len(named) == len(rows) >= 12
+    here = set(globals())
+    child = set(child_test_names(SUITE))
+    for name in named:
+        assert name in here or name in child, name
