@@ -53,14 +53,9 @@ def build(config: Config) -> optax.GradientTransformationExtraArgs:
         return per_layout[group_labels]
 
     def init_fn(params: optax.Params) -> AGGCState:
-        placement = labels.place(params, config.param_labels)
-        labels.check_placement(placement, jax.tree_util.tree_leaves(params), placement.labels)
-        if not placement.labels:
-            _no_groups(config, placement)
-        labels.warn_unlabelled(params, placement, config.param_labels, config.unlabelled)
-        _warn_unmatched(config, placement.labels)
-        hyper_for(placement.labels)
-        return _state.init_state(placement.labels)
+        group_labels = _init_labels(config, params)
+        hyper_for(group_labels)
+        return _state.init_state(group_labels)
 
     def update_fn(
         updates: optax.Updates, state: AGGCState, params: optax.Params | None = None, **extra: Any
@@ -314,6 +309,17 @@ def _hyper_ok(config: Config, hp: Hyper, one_minus_beta: jax.Array) -> jax.Array
 # ------------------------------------------------------------------- at init
 
 
+def _init_labels(config: Config, params: optax.Params) -> tuple[str, ...]:
+    """The group labels of ``params``, checked, with a warning for what looks unintended."""
+    placement = labels.place(params, config.param_labels)
+    labels.check_placement(placement, jax.tree_util.tree_leaves(params), placement.labels)
+    if not placement.labels:
+        _no_groups(config, placement)
+    labels.warn_unlabelled(params, placement, config.param_labels, config.unlabelled)
+    _warn_unmatched(config, placement.labels)
+    return placement.labels
+
+
 def _no_groups(config: Config, placement: Placement) -> None:
     if not config.quirks.disable_without_groups:
         more = " ..." if len(placement.names) > 8 else ""
@@ -325,7 +331,7 @@ def _no_groups(config: Config, placement: Placement) -> None:
     warnings.warn(
         "AGGC: no parameter got a group label; like the reference clipper, the "
         "transformation disables itself and passes gradients through untouched.",
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
@@ -337,7 +343,7 @@ def _warn_unmatched(config: Config, group_labels: tuple[str, ...]) -> None:
             f"aggc: group_hyperparams key {key!r} matches no group label (labels: "
             f"{list(group_labels)}); its entry has no effect. Keys are exact labels "
             "or regular expressions matched against the whole label.",
-            stacklevel=4,
+            stacklevel=5,
         )
 
 

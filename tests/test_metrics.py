@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import aggc_optax
-from aggc_optax import _metrics
+from aggc_optax.monitoring import _metrics
 
 FIELDS = aggc_optax._metrics.GROUP_KEYS
 

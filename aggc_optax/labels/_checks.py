@@ -85,4 +85,4 @@ def warn_unlabelled(
     )
     if mode == "error":
         raise ValueError(message)
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=4)
