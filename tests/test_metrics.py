@@ -14,7 +14,7 @@ import pytest
 import aggc_optax
 from aggc_optax.monitoring import _metrics
 
-FIELDS = aggc_optax._metrics.GROUP_KEYS
+FIELDS = _metrics.GROUP_KEYS
 
 
 def _grads(q: float, v: float) -> dict:
