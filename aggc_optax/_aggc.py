@@ -33,7 +33,7 @@ __all__ = ["AGGCState", "GroupLabels", "aggc", "build", "check_state"]
 
 
 class _Ema(NamedTuple):
-    """A group's EMA as the state keeps it: the value, its rounding error, how many updates it had."""
+    """A group's EMA as the state keeps it: value, rounding error, number of updates."""
 
     value: jax.Array
     residual: jax.Array
