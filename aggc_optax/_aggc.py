@@ -69,9 +69,9 @@ def build(config: Config) -> optax.GradientTransformationExtraArgs:
         labels.check_placement(placement, leaves, state.labels)
         leaves = [labels.as_array(x) if g >= 0 else x for x, g in zip(leaves, placement.groups)]
         count = optax.safe_increment(state.count)
-        in_order = _state.in_order(state)
         if not state.labels:
             return updates, state._replace(count=count)
+        state = _state.matched(state)  # a restored state's groups, found by label
         # 2. norms
         norm = _numerics.group_norms(
             placement,
@@ -81,9 +81,7 @@ def build(config: Config) -> optax.GradientTransformationExtraArgs:
         )
         # 3.-5. bounds, scale, EMA
         hp, one_minus_beta = _hyper_at(hyper_for(tuple(state.labels)), state.count, norm.dtype)
-        new_state = _group_step(config, hp, one_minus_beta, norm, state, in_order)._replace(
-            count=count
-        )
+        new_state = _group_step(config, hp, one_minus_beta, norm, state)._replace(count=count)
         # 6. rescale
         clipped = _numerics.rescale(placement, leaves, new_state.scale)
         return treedef.unflatten(clipped), new_state  # type: ignore[attr-defined]  # jax's stub lacks PyTreeDef methods
@@ -97,14 +95,9 @@ def _group_step(
     one_minus_beta: jax.Array,
     norm: jax.Array,
     state: AGGCState,
-    in_order: bool | jax.Array,
 ) -> AGGCState:
-    """Steps 3-5 for every group at once: the state after this step (``count`` unchanged).
-
-    ``in_order``: whether the state's arrays are in its labels' order (False:
-    every group is skipped; see :func:`check_state`).
-    """
-    taken, restart = _taken(config, hp, one_minus_beta, norm, state, in_order)
+    """Steps 3-5 for every group at once: the state after this step (``count`` unchanged)."""
+    taken, restart = _taken(config, hp, one_minus_beta, norm, state)
     ema = _start(config, _Ema(state.ema, state.ema_residual, state.ema_count), norm, taken)
     # 3. bounds
     stat, paper_ema = _bound_statistic(config, hp, one_minus_beta, norm, ema, taken)
@@ -133,7 +126,6 @@ def _taken(
     one_minus_beta: jax.Array,
     norm: jax.Array,
     state: AGGCState,
-    in_order: bool | jax.Array,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Which groups this step acts on, and which restart their EMA (None: none can).
 
@@ -144,11 +136,9 @@ def _taken(
     EMA is reset, so the next step starts it over as if never updated.
     """
     if config.quirks.nonfinite_as_is:
-        return jnp.broadcast_to(jnp.asarray(in_order), norm.shape), None
+        return jnp.ones(norm.shape, bool), None
     restart = ~(jnp.isfinite(state.ema) & jnp.isfinite(state.ema_residual))
     taken = jnp.isfinite(norm) & _hyper_ok(config, hp, one_minus_beta) & ~restart
-    if in_order is not True:
-        taken = taken & in_order
     return taken, restart
 
 
@@ -316,6 +306,8 @@ def _init_labels(config: Config, params: optax.Params) -> tuple[str, ...]:
     if not placement.labels:
         _no_groups(config, placement)
     labels.warn_unlabelled(params, placement, config.param_labels, config.unlabelled)
+    if not config.quirks.disable_without_groups:  # aggc()'s form, not the reference's
+        labels.warn_merged_modules(params, placement, config.param_labels)
     _warn_unmatched(config, placement.labels)
     return placement.labels
 

@@ -7,17 +7,28 @@ group is and which hyperparameters it has is decided elsewhere (``_aggc``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aggc_optax import _devices
 from aggc_optax.labels import Placement
 
-#: Sums the per-group sums of squares over devices (``psum``/``pmean``), or None.
-AcrossDevices = Callable[[jax.Array], jax.Array] | None
+
+class AcrossDevices(NamedTuple):
+    """Inside ``shard_map``/``pmap``: the mapped axes and whether sums become means.
+
+    Each leaf's sum of squares is reduced over the axes of ``axis_name`` that it
+    varies over (:mod:`aggc_optax._devices`); ``mean`` is the reference's
+    ``sync_dist`` (``pmean``), else ``psum``.
+    """
+
+    axis_name: Any
+    mean: bool
+
 
 EPS = 1e-12  # the reference's branch and division epsilon
 NORM_FLOOR = 1e-16  # added to the sum of squares: an all-zero group has norm 1e-8
@@ -118,18 +129,19 @@ def group_norms(
     the group's norm stays non-finite and the NaN policy applies.
     """
     dtype = stats_dtype()
-    # Each group's sum of squares is a chain of scalar adds in leaf order, as
-    # the reference accumulates its per-tensor sums in Python floats; no
-    # [leaves] buffer and no scatter-add (a serial loop on CPU, atomics in
-    # no fixed order on GPU).
-    sums: list[jax.Array | None] = [None] * len(placement.labels)
-    for group, counted, leaf in zip(placement.groups, placement.counted, leaves):
-        if counted:
-            square = jnp.sum(jnp.square(leaf.astype(compute_dtype(leaf.dtype)))).astype(dtype)
-            sums[group] = square if sums[group] is None else sums[group] + square  # type: ignore[operator]  # not None on this branch
-    total = jnp.stack([jnp.zeros((), dtype) if s is None else s for s in sums])
-    if across_devices is not None:
-        total = across_devices(total)
+    # Per-tensor sums, added per group in leaf order (_devices.reduced_totals): no
+    # [leaves] buffer and no scatter-add (a serial loop on CPU, atomics in no fixed
+    # order on GPU).
+    axes = _devices.reduction_axes(
+        across_devices.axis_name, placement.names, placement.counted, leaves
+    )
+    squares = [
+        jnp.sum(jnp.square(leaf.astype(compute_dtype(leaf.dtype)))).astype(dtype)
+        if counted
+        else None
+        for counted, leaf in zip(placement.counted, leaves)
+    ]
+    total = _sum_groups(placement, squares, axes, across_devices)
     norm = jnp.sqrt(total + NORM_FLOOR)
     if not rescue:
         # the reference's float32 sums overflow to inf (docs/reference-behaviour.md §8)
@@ -137,7 +149,7 @@ def group_norms(
     counted_leaves = [leaf for leaf, c in zip(leaves, placement.counted) if c]
     rescued = jax.lax.cond(
         jnp.any(~jnp.isfinite(total)),
-        lambda xs: _rescued_norms(placement, xs, across_devices),
+        lambda xs: _rescued_norms(placement, xs, axes, across_devices),
         lambda xs: jnp.full(norm.shape, jnp.nan, dtype),
         counted_leaves,
     )
@@ -157,7 +169,7 @@ def _overflow_shift(dtype: Any) -> int:
 
 
 def _rescued_norms(
-    placement: Placement, counted: list[Any], across_devices: AcrossDevices
+    placement: Placement, counted: list[Any], axes: list[Any], across_devices: AcrossDevices
 ) -> jax.Array:
     """``2**k * sqrt(sum((g * 2**-k)**2))`` per group: the norms of an overflowing step.
 
@@ -165,54 +177,64 @@ def _rescued_norms(
     inf entry gives a non-finite sum, as in the plain norm.
     """
     dtype = stats_dtype()
-    groups = [g for g, c in zip(placement.groups, placement.counted) if c]
-    parts: list[list[tuple[int, jax.Array]]] = [[] for _ in placement.labels]
-    for group, leaf in zip(groups, counted):
+    leaves = iter(counted)
+    shifted: list[tuple[int, jax.Array] | None] = []
+    for is_counted in placement.counted:
+        if not is_counted:
+            shifted.append(None)
+            continue
+        leaf = next(leaves)
         op_dtype = compute_dtype(leaf.dtype)
         shift = _overflow_shift(op_dtype)
         # The factor passes through an optimization barrier with the leaf: as a
         # bare constant, XLA:CPU would materialise its broadcast to the leaf's
         # shape, a gradient-sized buffer shared by the leaves of that shape.
         factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaf))
-        scaled = jnp.sum(jnp.square(leaf.astype(op_dtype) * factor)).astype(dtype)
-        parts[group].append((shift, scaled))
-    shifts = [max(k for k, _ in p) for p in parts]
-    totals = []
-    for shift, p in zip(shifts, parts):
-        acc = jnp.zeros((), dtype)
-        for k, part in p:
-            # to the group's common shift (only a mixed float32/float64 group
-            # differs): a power of two, exact
-            acc = acc + (part if k == shift else part * jnp.asarray(4.0 ** (k - shift), dtype))
-        totals.append(acc)
-    total = jnp.stack(totals)
-    if across_devices is not None:
-        total = across_devices(total)
+        shifted.append((shift, jnp.sum(jnp.square(leaf.astype(op_dtype) * factor)).astype(dtype)))
+    shifts = [
+        max(e[0] for g, e in zip(placement.groups, shifted) if g == group and e is not None)
+        for group in range(len(placement.labels))
+    ]
+    # each to its group's common shift (only a mixed float32/float64 group
+    # differs): a power of two, exact
+    squares = [
+        None
+        if entry is None
+        else entry[1]
+        if entry[0] == shifts[group]
+        else entry[1] * jnp.asarray(4.0 ** (entry[0] - shifts[group]), dtype)
+        for group, entry in zip(placement.groups, shifted)
+    ]
+    total = _sum_groups(placement, squares, axes, across_devices, from_zero=True)
     # A norm beyond the stats dtype's range (float32: 3.4e38) is inf: the group is
     # then non-finite, as for an inf entry.
     return jnp.sqrt(total) * jnp.asarray([2.0**k for k in shifts], dtype)
 
 
+def _sum_groups(
+    placement: Placement,
+    squares: list[jax.Array | None],
+    axes: list[Any],
+    across_devices: AcrossDevices,
+    *,
+    from_zero: bool = False,
+) -> jax.Array:
+    return _devices.reduced_totals(
+        placement.groups,
+        len(placement.labels),
+        squares,
+        axes,
+        across_devices.axis_name,
+        mean=across_devices.mean,
+        dtype=stats_dtype(),
+        from_zero=from_zero,
+    )
+
+
 def across_devices(axis_name: Any, *, mean: bool) -> AcrossDevices:
-    """The sum (or mean) of per-group sums of squares over ``axis_name``; None without one."""
-    if axis_name is None:
-        return None
-    reduce = jax.lax.pmean if mean else jax.lax.psum
-
-    def apply(total: jax.Array) -> jax.Array:
-        try:
-            return reduce(total, axis_name)
-        except (NameError, AssertionError, KeyError) as err:
-            # JAX says "unbound axis name" outside shard_map/pmap, and raises a bare
-            # AssertionError for a name the enclosing shard_map's mesh does not have
-            raise ValueError(
-                f"aggc: axis_name={axis_name!r} is not an axis of the enclosing "
-                "jax.shard_map or jax.pmap: call update inside one that maps this axis name "
-                "(e.g. shard_map over a mesh with that axis), or drop axis_name under plain "
-                "jax.jit, where sharded norms are already global"
-            ) from err
-
-    return apply
+    """How the per-group sums of squares are summed over devices (nothing without ``axis_name``
+    outside ``shard_map``/``pmap``; see :mod:`aggc_optax._devices`)."""
+    return AcrossDevices(axis_name, mean)
 
 
 def rescale(placement: Placement, leaves: Sequence[Any], scale: jax.Array) -> list[Any]:

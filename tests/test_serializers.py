@@ -6,7 +6,8 @@ bytes and state dicts, pickle) the state after a few jitted steps is saved, rest
 into a state built by a *fresh* optimizer (a new ``aggc()`` call, its own ``init``),
 and the next updates must be bit for bit those of the run that was never interrupted.
 Then restores whose target groups come in another order (same labels, a leaf added
-earlier in the tree): ``check_state`` names both orders, or re-orders the arrays by label.
+earlier in the tree): ``check_state`` names both orders, and every update (eager or
+under ``jax.jit``) or ``check_state(reorder=True)`` matches the groups by label.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def _restore_swapped(reference: dict[str, Any], name: str, tmp_path: Path) -> An
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("name", ["orbax_standard", "orbax_manager", "pickle_into_target"])
-def test_restore_into_another_group_order_is_an_error_naming_both(
+def test_restore_into_another_group_order_is_named_and_matched_by_label(
     reference: dict[str, Any], name: str, tmp_path: Path
 ) -> None:
     restored = _restore_swapped(reference, name, tmp_path)
@@ -203,30 +204,36 @@ def test_restore_into_another_group_order_is_an_error_naming_both(
     message = str(err.value)
     assert "['down_proj', 'q_proj', 'norm']" in message  # the saved order
     assert "['norm', 'down_proj', 'q_proj']" in message  # the target's
-    # an eager update refuses it too, with the same message
+    # an eager update matches the groups by label, and says so
     tx, params, target = _swapped()
     g = jax.tree.map(jnp.ones_like, params)
-    with pytest.raises(ValueError, match="another order"):
-        tx.update(g, (restored, target[1]), params)
+    with pytest.warns(UserWarning, match="another order"):
+        eager, state = tx.update(g, (restored, target[1]), params)
+    want, want_state = tx.update(
+        g, (aggc_optax.check_state(restored, reorder=True), target[1]), params
+    )
+    assert_bit_identical(eager, want)
+    assert_bit_identical(state[0], want_state[0])
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_under_jit_a_swapped_state_skips_every_group(
+def test_under_jit_a_swapped_state_is_matched_by_label(
     reference: dict[str, Any], tmp_path: Path
 ) -> None:
     restored = _restore_swapped(reference, "orbax_standard", tmp_path)
     tx, params, target = _swapped()
     g = jax.tree.map(lambda x: 100.0 * jnp.ones_like(x), params)  # far above every bound
-    updates, new_state = jax.jit(tx.update)(g, (restored, target[1]), params)
-    # nothing clipped: the updates are AdamW's of the unchanged gradients
-    want, _ = jax.jit(optax.adamw(0.05).update)(g, target[1], params)
+    step = jax.jit(tx.update)
+    updates, new_state = step(g, (restored, target[1]), params)
+    # the same compiled step on the state check_state(reorder=True) matched by hand
+    fixed = aggc_optax.check_state(restored, reorder=True)
+    want, want_state = step(g, (fixed, target[1]), params)
     assert_bit_identical(updates, want)
+    assert_bit_identical(new_state[0], want_state[0])
     after = new_state[0]
-    np.testing.assert_array_equal(np.asarray(after.ema), np.asarray(restored.ema))
-    np.testing.assert_array_equal(np.asarray(after.ema_count), np.asarray(restored.ema_count))
-    assert int(after.count) == int(restored.count) + 1  # count - ema_count: skipped steps
-    with pytest.raises(ValueError, match="another order"):
-        aggc_optax.check_state(new_state)  # the mismatch is still there to be found
+    assert np.all(np.asarray(after.clip_down_count) == np.asarray(fixed.clip_down_count) + 1)
+    np.testing.assert_array_equal(np.asarray(after.restart_count), [0, 0, 0])  # all matched
+    assert aggc_optax.check_state(after) is after  # in order now
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -254,15 +261,20 @@ def test_reorder_by_label_gives_each_group_its_own_arrays(
     assert np.all(np.asarray(state[0].ema_count) == np.asarray(fixed.ema_count) + 1)
 
 
-def test_reorder_refuses_a_state_of_other_labels() -> None:
+def test_reorder_restarts_the_groups_of_other_labels() -> None:
     tx_a = aggc_optax.aggc(param_labels={"x": "a", "y": "b"})
     tx_b = aggc_optax.aggc(param_labels={"x": "a", "y": "c"})
     p = {"x": jnp.ones(2), "y": jnp.ones(2)}
     state_a, state_b = tx_a.init(p), tx_b.init(p)
     # the arrays of labels (a, b) under the static labels (a, c)
-    mixed = state_b._replace(label_digest=state_a.label_digest)
+    mixed = state_b._replace(label_digest=state_a.label_digest, ema=jnp.asarray([5.0, 7.0]))
     with pytest.raises(ValueError, match=r"\['a', '<a label not in this state, CRC-32 "):
-        aggc_optax.check_state(mixed, reorder=True)
+        aggc_optax.check_state(mixed)
+    with pytest.warns(UserWarning, match=r"no saved group has the label\(s\) \['c'\]"):
+        fixed = aggc_optax.check_state(mixed, reorder=True)
+    np.testing.assert_array_equal(np.asarray(fixed.ema), [5.0, 0.0])  # 'a' kept, 'c' afresh
+    np.testing.assert_array_equal(np.asarray(fixed.restart_count), [0, 1])
+    assert aggc_optax.check_state(fixed) is fixed
 
 
 def test_flax_restore_into_another_group_order_names_both(reference: dict[str, Any]) -> None:

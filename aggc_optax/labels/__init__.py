@@ -6,7 +6,13 @@ and :func:`place`, the one function that turns a tree into groups;
 ``_checks``: what a placement's leaves must be.
 """
 
-from aggc_optax.labels._checks import as_array, check_placement, leaf_dtype, warn_unlabelled
+from aggc_optax.labels._checks import (
+    as_array,
+    check_placement,
+    leaf_dtype,
+    warn_merged_modules,
+    warn_unlabelled,
+)
 from aggc_optax.labels._modules import module_labels
 from aggc_optax.labels._rules import (
     REFERENCE_TOKENS,
@@ -46,5 +52,6 @@ __all__ = [
     "reference_label",
     "regex_labeler",
     "tree_labeler",
+    "warn_merged_modules",
     "warn_unlabelled",
 ]

@@ -1,5 +1,6 @@
 """Checks on the leaves a placement puts in groups: arrays of a floating dtype, and
-under the default rule, a word on the float leaves it leaves out."""
+under the default rule, a word on the float leaves it leaves out and on the modules
+of different positions it puts in one group."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aggc_optax.labels._rules import ParamLabels, Placement
+from aggc_optax.labels._modules import module_labels
+from aggc_optax.labels._rules import ParamLabels, Placement, leaf_labels
 
 
 def leaf_dtype(name: str, leaf: Any) -> Any:
@@ -86,3 +88,54 @@ def warn_unlabelled(
     if mode == "error":
         raise ValueError(message)
     warnings.warn(message, stacklevel=4)
+
+
+def _position_of(module: str, label: str) -> str:
+    """The module that gave a leaf its label: ``module``'s path up to the label's component.
+
+    ``module`` is the leaf's module path with block indices as ``*``
+    (:func:`module_labels`). A leaf inside the labelled module (a LoRA adapter's
+    ``q_proj.lora_A.default``) is at that module's position (``...q_proj``), so a
+    projection and its adapters are one position; without the label among the
+    components, the whole path.
+    """
+    parts = module.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == label:
+            return ".".join(parts[: i + 1])
+    return module
+
+
+def warn_merged_modules(params: Any, placement: Placement, param_labels: ParamLabels) -> None:
+    """Under the default rule, say when one group holds modules of different positions.
+
+    The reference's rule labels a leaf by a token of its name, so modules that
+    share a name but not a role (Linen's auto-named ``Dense_0`` of the LM head
+    and of every block; a BERT pooler's ``dense`` and the blocks' ``dense``)
+    share one EMA and one clip factor.
+    """
+    if param_labels is not None or not placement.labels:
+        return  # a rule chosen on purpose
+    _, modules = leaf_labels(params, module_labels)
+    held: dict[int, list[str]] = {}
+    for group, module in zip(placement.groups, modules):
+        if group < 0 or module is None:
+            continue
+        position = _position_of(module, placement.labels[group])
+        if position not in held.setdefault(group, []):
+            held[group].append(position)
+    merged = {placement.labels[g]: p for g, p in held.items() if len(p) > 1}
+    if not merged:
+        return
+    groups = "; ".join(
+        f"{label!r} holds {', '.join(p[:4])}{', ...' if len(p) > 4 else ''}"
+        for label, p in merged.items()
+    )
+    warnings.warn(
+        "aggc: the default label rule (aggc_optax.reference_label) puts modules of "
+        "different positions in one group, so they share one EMA and one clip factor: "
+        f"{groups}. Pass param_labels=aggc_optax.module_labels for one group per module "
+        "position, or param_labels=aggc_optax.reference_label to keep this grouping "
+        "without this warning; see aggc_optax.describe_groups(params).",
+        stacklevel=4,
+    )

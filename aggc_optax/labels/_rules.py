@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -58,6 +60,12 @@ class TreeLabeler:
     ``fn`` must be a function of the tree's structure only (paths, shapes and
     dtypes, never values): it runs under ``jax.jit`` on tracers.
 
+    ``optax.inject_hyperparams(aggc)(param_labels=labeler)`` takes it as it is,
+    without ``static_args``: ``inject_hyperparams`` calls every callable
+    argument as a schedule, and a ``TreeLabeler`` is a schedule (optax's
+    ``StatefulSchedule`` protocol) whose value is the labeler itself, a static
+    pytree node.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> by_rank = TreeLabeler(lambda t: jax.tree.map(lambda x: f"rank{x.ndim}", t))
@@ -71,8 +79,19 @@ class TreeLabeler:
         self._fn = fn
         functools.update_wrapper(self, fn)
 
-    def __call__(self, params: Any) -> Any:
+    def __call__(self, params: Any, **extra_args: Any) -> Any:
+        if isinstance(params, _ScheduleState):  # called as a schedule, see init
+            return self
         return self._fn(params)
+
+    # optax's StatefulSchedule protocol (init, update, __call__(state)), which
+    # optax.inject_hyperparams uses for any argument that has it: the labeler is
+    # then a "schedule" whose value is itself, and aggc receives it unchanged.
+    def init(self) -> _ScheduleState:
+        return _ScheduleState()
+
+    def update(self, state: _ScheduleState, **extra_args: Any) -> _ScheduleState:
+        return state
 
     def __repr__(self) -> str:
         return f"TreeLabeler({getattr(self._fn, '__qualname__', self._fn)!r})"
@@ -84,6 +103,24 @@ class TreeLabeler:
 
     def __hash__(self) -> int:
         return hash(self._fn)
+
+
+class _ScheduleState:
+    """The (empty) schedule state of a :class:`TreeLabeler` under ``optax.inject_hyperparams``."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ScheduleState)
+
+    def __hash__(self) -> int:
+        return hash(_ScheduleState)
+
+
+# Both live in optax states (inject_hyperparams' hyperparams and their schedule
+# states) as static nodes: part of the tree's structure, no arrays to store.
+jax.tree_util.register_static(TreeLabeler)
+jax.tree_util.register_static(_ScheduleState)
 
 
 def tree_labeler(fn: Callable[[Any], Any]) -> TreeLabeler:
@@ -503,10 +540,57 @@ def place(tree: Any, param_labels: ParamLabels = None) -> Placement:
     return Placement(tuple(order), tuple(names), tuple(groups), tuple(counted))
 
 
-def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, Any]:
+def _as_optimizer_sees(params: Any, wrt: Any) -> Any:
+    """``params`` as ``nnx.Optimizer(model, tx, wrt=...)`` passes it to ``tx.init``."""
+    nnx = sys.modules.get("flax.nnx")  # flax is optional: an NNX object means it is loaded
+    if nnx is None or not isinstance(params, (nnx.Module, nnx.State)):
+        if wrt is not None:
+            raise TypeError(
+                "describe_groups: wrt= filters a Flax NNX module or nnx.State (as "
+                f"nnx.Optimizer's wrt= does), got a {type(params).__name__}"
+            )
+        return params
+    if isinstance(params, nnx.Module):
+        return nnx.state(params, nnx.Param if wrt is None else wrt)
+    if wrt is not None:
+        return params.filter(wrt)
+    variables = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    others = sorted(
+        {
+            type(v).__name__
+            for v in variables
+            if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)
+        }
+    )
+    if others:
+        warnings.warn(
+            f"describe_groups: this nnx.State holds {', '.join(others)} variables besides "
+            "Param, and describes them too; nnx.Optimizer(model, tx, wrt=nnx.Param) passes "
+            "only the Param ones to AGGC. Pass wrt=nnx.Param (or the model itself, or "
+            "nnx.state(model, nnx.Param)) to see the groups the optimizer builds.",
+            stacklevel=3,
+        )
+    return params
+
+
+def describe_groups(
+    params: Any, param_labels: ParamLabels = None, *, wrt: Any = None
+) -> dict[str, Any]:
     """How AGGC will group ``params``: each group's leaves and sizes, and the leaves left out.
 
-    Call this before training to check the labels.
+    Call this before training to check the labels. For Flax NNX, describe what
+    the optimizer passes to AGGC: ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
+    gives ``tx.init`` only the model's ``Param`` variables, not BatchNorm's
+    running statistics or other variables. Pass the model itself (its
+    ``nnx.Param`` variables are described, or those ``wrt`` selects), or its
+    ``nnx.State`` with the optimizer's ``wrt=``; an ``nnx.State`` that holds
+    other variables and no ``wrt`` is described as it is, with a warning.
+
+    Args:
+      params: the parameters: any pytree, an ``nnx.Module`` or an ``nnx.State``.
+      param_labels: as in :func:`~aggc_optax.aggc`.
+      wrt: for an ``nnx.Module`` or ``nnx.State``, the variable filter the
+        ``nnx.Optimizer`` was given (default for a module: ``nnx.Param``).
 
     Returns:
       A dict with ``"groups"`` (label -> ``{"leaves": [names], "num_params": int}``,
@@ -524,6 +608,7 @@ def describe_groups(params: Any, param_labels: ParamLabels = None) -> dict[str, 
       >>> info["groups"]["q_proj"]["num_params"], info["unlabelled"]
       (16, ['logit_scale'])
     """
+    params = _as_optimizer_sees(params, wrt)
     placement = place(params, param_labels)
     groups: dict[str, dict[str, Any]] = {
         label: {"leaves": [], "num_params": 0} for label in placement.labels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -22,10 +23,22 @@ GROUP_KEYS = (
     "raised",
     "clip_down_count",
     "raise_count",
+    "restart_count",
 )
 # Per-state entries after the group rows.
 GLOBAL_KEYS = ("global_norm_before", "global_norm_after", "fraction_clipped", "fraction_raised")
-_INPUTS = ("norm", "scale", "lower", "upper", "ema", "clip_down_count", "raise_count")
+_INPUTS = (
+    "norm",
+    "scale",
+    "lower",
+    "upper",
+    "ema",
+    "clip_down_count",
+    "raise_count",
+    "restart_count",
+)
+# (state labels, label) pairs whose restart metrics() has reported: said once each
+_RESTARTS_SAID: set[tuple[tuple[str, ...], str]] = set()
 
 
 @jax.jit
@@ -46,6 +59,7 @@ def _stack(states: list[dict[str, jax.Array]]) -> list[jax.Array]:
             raised,
             s["clip_down_count"].astype(dtype),
             s["raise_count"].astype(dtype),
+            s["restart_count"].astype(dtype),
         ]
         per_group = jnp.stack(columns, axis=1).reshape(-1)
         num_groups = norm.shape[0]
@@ -82,7 +96,10 @@ def metrics(opt_state: Any, prefix: str = "aggc", labels: Any = None) -> dict[st
     - ``clipped`` / ``raised``: 1.0 if the step multiplied the group by a factor
       below / above 1, else 0.0;
     - ``clip_down_count`` / ``raise_count``: how many steps so far did so
-      (counted by the clipper's own branch; exact as floats up to 2**24 steps).
+      (counted by the clipper's own branch; exact as floats up to 2**24 steps);
+    - ``restart_count``: how many times the group started afresh because a
+      restored state held no group of its label (:func:`check_state`); the
+      first call that sees a restart says so in a warning.
 
     and per AGGC state (keys ``f"{prefix}/{field}"``):
 
@@ -143,4 +160,27 @@ def metrics(opt_state: Any, prefix: str = "aggc", labels: Any = None) -> dict[st
     else:
         prefixes = tuple(f"{prefix}/{i}" for i in range(len(states)))
     keys = _keys(prefixes, tuple(tuple(s.labels) for s in states))
-    return dict(zip(keys, np.asarray(values).tolist()))
+    out = dict(zip(keys, np.asarray(values).tolist()))
+    _say_restarts(out, prefixes, states)
+    return out
+
+
+def _say_restarts(out: dict[str, float], prefixes: tuple[str, ...], states: list[Any]) -> None:
+    """Warns once per group that has started afresh after a restore (restart_count > 0)."""
+    for prefix, state in zip(prefixes, states):
+        labels = tuple(state.labels)
+        new = [
+            label
+            for label in labels
+            if out[f"{prefix}/{label}/restart_count"] > 0 and (labels, label) not in _RESTARTS_SAID
+        ]
+        if not new:
+            continue
+        _RESTARTS_SAID.update((labels, label) for label in new)
+        warnings.warn(
+            f"aggc: the group(s) {new} started afresh, as at init (restart_count > 0): a "
+            "restored state held no saved group with their label (a restore target built "
+            "with another param_labels?), so their EMA and counters restarted. See "
+            "aggc_optax.check_state and docs/checkpointing.md.",
+            stacklevel=3,
+        )

@@ -11,11 +11,22 @@ import jax.numpy as jnp
 
 from aggc_optax._state import AGGCState, GroupLabels
 
-STAT_FIELDS = ("norm", "lower", "upper", "scale", "ema", "clip_down_count", "raise_count")
+STAT_FIELDS = (
+    "norm",
+    "lower",
+    "upper",
+    "scale",
+    "ema",
+    "clip_down_count",
+    "raise_count",
+    "restart_count",
+)
 # The array fields of AGGCState: a mapping with all of them is an AGGC state that
 # lost its NamedTuple type (nnx.state, flax.serialization.to_state_dict, Orbax
 # restores without a target).
 _ARRAY_FIELDS = frozenset(f for f in AGGCState._fields if f != "labels")
+# restart_count came later: a mapping saved before it is still an AGGC state
+_REQUIRED_FIELDS = _ARRAY_FIELDS - {"restart_count"}
 
 
 def unbox(x: Any) -> jax.Array:
@@ -39,8 +50,8 @@ def _is_state_mapping(x: Any) -> bool:
     # called on every node of the optimizer state: the length test first
     return (
         isinstance(x, Mapping)
-        and len(x) >= len(_ARRAY_FIELDS)
-        and _ARRAY_FIELDS <= {str(k) for k in x}
+        and len(x) >= len(_REQUIRED_FIELDS)
+        and _REQUIRED_FIELDS <= {str(k) for k in x}
     )
 
 
@@ -76,6 +87,8 @@ def _from_mapping(mapping: Mapping[Any, Any], labels: tuple[str, ...] | None) ->
             f"aggc_optax: labels has {len(stored)} entries but the AGGC state has "
             f"{num_groups} groups"
         )
+    if "restart_count" not in by_name:
+        by_name["restart_count"] = jnp.zeros((num_groups,), jnp.int32)
     fields = {f: by_name[f] for f in AGGCState._fields if f != "labels"}
     return AGGCState(**fields, labels=GroupLabels(stored))
 
@@ -173,8 +186,10 @@ def group_stats(opt_state: Any, labels: Any = None) -> dict[str, dict[str, jax.A
     NNX optimizers and ``nnx.state(optimizer)`` (see :func:`find_aggc_states`
     for the labels there), and returns, per group label (in group order), the
     pre-clip ``norm``, ``lower`` and ``upper`` bounds and ``scale`` of the last
-    step, the ``ema`` after it, and the running ``clip_down_count`` and
-    ``raise_count``. Before the first step norm and bounds read 0 and scale 1.
+    step, the ``ema`` after it, the running ``clip_down_count`` and
+    ``raise_count``, and ``restart_count`` (how many times the group started
+    afresh because a restored state held no group of its label; see
+    :func:`check_state`). Before the first step norm and bounds read 0 and scale 1.
     For a logger, :func:`metrics` returns the same as one flat dict of floats,
     fetched in one transfer.
 
