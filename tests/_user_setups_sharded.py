@@ -194,3 +194,23 @@ def test_forgotten_axis_name_with_check_vma_off_is_an_error_too() -> None:
     step, specs = _fsdp_step(mesh, tx, check_vma=False)
     with pytest.raises(ValueError, match=r"axis_name.*check_vma=False.*\('fsdp',\)"):
         _run(step, specs, mesh, tx, params, xs)
+
+
+def test_overflowing_step_with_a_replicated_bias_gets_the_true_norm() -> None:
+    # entries whose float32 squares overflow: the rescued norms take the same per-leaf
+    # reduction (the sharded kernel summed over 'fsdp', the replicated bias not)
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    kernel = np.full((8, 4), 1e20, np.float32)
+    bias = np.full(4, 2e20, np.float32)
+    grads = {"model": {"layers": {"0": {"mlp": {"up_proj": {"kernel": kernel, "bias": bias}}}}}}
+    specs = {"model": {"layers": {"0": {"mlp": {"up_proj": {"kernel": P("fsdp"), "bias": P()}}}}}}
+    tx = aggc_optax.aggc(axis_name="fsdp")
+    step = jax.jit(
+        jax.shard_map(tx.update, mesh=mesh, in_specs=(specs, P()), out_specs=(specs, P()))
+    )
+    shard = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    state = jax.device_put(tx.init(grads), NamedSharding(mesh, P()))
+    _, state = step(jax.tree.map(jax.device_put, grads, shard), state)
+    want = np.sqrt(np.sum(kernel.astype(np.float64) ** 2) + np.sum(bias.astype(np.float64) ** 2))
+    assert np.isfinite(want) and want > 1.8e19  # beyond float32's squares
+    assert float(state.norm[0]) == pytest.approx(want, rel=1e-6)
