@@ -426,7 +426,9 @@ def aggc(
         post-clip norm) or ``"paper"`` (the paper's eq. 2: the EMA of raw
         norms, including this step, sets this step's bounds).
       param_labels: how leaves get their group: ``None`` (the reference's rule,
-        :func:`reference_label`, on each leaf's dotted path), a callable
+        :func:`reference_label`, on each leaf's dotted path; ``init`` warns
+        when it leaves float leaves out or puts modules of different positions
+        in one group), a callable
         ``fn(name)`` or ``fn(name, leaf)``, :func:`regex_labeler` rules, or a
         pytree of labels shaped like the parameters. A label is a str, ``None``
         (the leaf passes through untouched) or :class:`ScaleOnly` (scaled with
@@ -440,8 +442,13 @@ def aggc(
         above. A key matching no group warns at ``init``.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over
         which the per-group sums of squares are summed, so the norms are those
-        of the whole sharded gradient. Not needed under ``jax.jit`` with
-        sharded arrays: there the norms are already global.
+        of the whole sharded gradient. It must name every axis the gradients
+        vary over (else a ``ValueError`` naming them); each leaf is summed only
+        over the axes it varies over (a replicated bias over none), as JAX
+        records them with ``check_vma=True``; with ``check_vma=False`` or under
+        ``pmap`` every leaf is summed over ``axis_name`` (``()``: whole
+        gradients on every device). Not needed under ``jax.jit`` with sharded
+        arrays: there the norms are already global (``docs/distributed.md``).
       unlabelled: what ``init`` does when the default rule (``param_labels=None``)
         leaves floating-point leaves in no group: ``"warn"`` (how many, their
         share of the parameters, the first paths), ``"error"`` or ``"ignore"``.
