@@ -1,6 +1,6 @@
 """The package's layout keeps its promises (docs/architecture.md).
 
-- The core (``_aggc``, ``_numerics``, ``_config``, ``_state``, ``_validation``,
+- The core (``_aggc``, ``_numerics``, ``_devices``, ``_config``, ``_state``, ``_validation``,
   ``_schedule``, ``labels/``) imports nothing from the reference layer, the
   tools or torch.
 - torch is imported only under ``aggc_optax/torch/``; with torch's import
@@ -29,7 +29,15 @@ from aggc_optax import _config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "aggc_optax"
-CORE = ["_aggc.py", "_numerics.py", "_config.py", "_state.py", "_validation.py", "_schedule.py"]
+CORE = [
+    "_aggc.py",
+    "_numerics.py",
+    "_devices.py",
+    "_config.py",
+    "_state.py",
+    "_validation.py",
+    "_schedule.py",
+]
 CORE_FILES = [PACKAGE / f for f in CORE] + sorted((PACKAGE / "labels").glob("*.py"))
 SCREEN = 50  # lines of code in one function, docstring left out
 
@@ -138,7 +146,9 @@ def _function_lengths(path: Path) -> list[tuple[str, int]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["_aggc.py", "_numerics.py", "_config.py", "_state.py"])
+@pytest.mark.parametrize(
+    "name", ["_aggc.py", "_numerics.py", "_devices.py", "_config.py", "_state.py"]
+)
 def test_no_core_function_is_longer_than_a_screen(name: str) -> None:
     lengths = _function_lengths(PACKAGE / name)
     assert lengths, name
