@@ -10,6 +10,7 @@ Expectations are hand computations or a float64 recomputation written here.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -367,6 +368,14 @@ def test_cli_module_prints_help_and_checks_flags() -> None:
     assert (
         bad.returncode == 2 and "--low-mult cannot be used with --aggc-preset adagc" in bad.stderr
     )
+
+
+def test_readme_usage_comment_states_the_default_multiplier() -> None:
+    readme = (ROOT / "README.md").read_text()
+    (comment,) = re.findall(r"^# defaults: .*$", readme, re.MULTILINE)
+    (mult,) = re.findall(r"clipped to (\d+(?:\.\d+)?)x its EMA", comment)
+    default = inspect.signature(aggc_optax.aggc).parameters["high_mult"].default
+    assert float(mult) == default == 3.0
 
 
 def test_every_lora_example_option_has_help() -> None:
