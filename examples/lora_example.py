@@ -119,9 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         default=5000,
         help="word problems generated for each phase's corpus",
     )
-    parser.add_argument(
-        "--out", default=None, help="if given, write per_module_clip.csv here"
-    )
+    parser.add_argument("--out", default=None, help="if given, write per_module_clip.csv here")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     for flag in ("pretrain_steps", "steps", "rank"):
