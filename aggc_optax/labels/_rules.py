@@ -553,7 +553,7 @@ def _as_optimizer_sees(params: Any, wrt: Any) -> Any:
     if isinstance(params, nnx.Module):
         return nnx.state(params, nnx.Param if wrt is None else wrt)
     if wrt is not None:
-        return params.filter(wrt)
+        return nnx.filter_state(params, wrt)
     variables = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     others = sorted(
         {
