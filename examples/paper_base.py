@@ -195,8 +195,9 @@ def _rope_at(x: jax.Array, pos: jax.Array, base: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-def _step_logits(model: LlamaForCausalLM, token: jax.Array, pos: jax.Array, cache: Any) -> Any:
-    """Logits after ``token`` [n] at position ``pos``, reading and extending the cache."""
+def step_logits(model: LlamaForCausalLM, token: jax.Array, pos: jax.Array, cache: Any) -> Any:
+    """Logits ``[n, vocab]`` after ``token`` [n] at position ``pos``, and the extended cache
+    (per layer ``(keys, values)``, each ``[n, T, heads, head_dim]``)."""
     x = model.model.embed_tokens(token)  # [n, d]
     n, d = x.shape
     new_cache = []
@@ -229,6 +230,19 @@ def greedy_decode(model: LlamaForCausalLM, prompts: jax.Array, lengths: jax.Arra
     Returns:
       ``[n, T]``: each prompt followed by the greedy tokens up to position T - 1.
     """
+    return sample_decode(model, prompts, lengths, None)
+
+
+def sample_decode(
+    model: LlamaForCausalLM,
+    prompts: jax.Array,
+    lengths: jax.Array,
+    key: jax.Array | None,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """Like :func:`greedy_decode`, but sampling at ``temperature`` with ``key`` (greedy when
+    ``key`` is ``None``). One pass over positions 0..T-2 with a key/value cache: inside
+    a prompt the next prompt byte is kept, after it the chosen byte is written."""
     n, t = prompts.shape
     d, h = model.model.embed_tokens.embedding.shape[1], model.model.layers[0].self_attn.num_heads
     cache = [
@@ -237,10 +251,13 @@ def greedy_decode(model: LlamaForCausalLM, prompts: jax.Array, lengths: jax.Arra
 
     def body(pos: jax.Array, carry: Any) -> Any:
         buf, cache = carry
-        logits, cache = _step_logits(model, buf[:, pos], pos, cache)
-        nxt = jnp.argmax(logits, axis=-1).astype(buf.dtype)
+        logits, cache = step_logits(model, buf[:, pos], pos, cache)
+        if key is None:
+            nxt = jnp.argmax(logits, axis=-1)
+        else:
+            nxt = jax.random.categorical(jax.random.fold_in(key, pos), logits / temperature)
         keep = pos + 1 < lengths  # still inside the prompt
-        col = jnp.where(keep, buf[:, pos + 1], nxt)
+        col = jnp.where(keep, buf[:, pos + 1], nxt.astype(buf.dtype))
         return jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], pos + 1, axis=1), cache
 
     buf, _ = jax.lax.fori_loop(0, t - 1, body, (prompts, cache))
@@ -330,12 +347,16 @@ def pretrain(
     length = r["seq_len"] + 1
     rng = np.random.default_rng(r["seed"])
     heldout = jnp.asarray(
-        windows(data.heldout, window_starts(data.heldout, 64, length, np.random.default_rng(1)), length)
+        windows(
+            data.heldout, window_starts(data.heldout, 64, length, np.random.default_rng(1)), length
+        )
     )
     start = time.perf_counter()
     bar = Progress(r["steps"], "pretraining", quiet=quiet)
     for t in range(r["steps"]):
-        tokens = windows(data.train, window_starts(data.train, r["batch_size"], length, rng), length)
+        tokens = windows(
+            data.train, window_starts(data.train, r["batch_size"], length, rng), length
+        )
         params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens))
         bar.update(1, f"loss {float(loss):.3f}" if (t + 1) % 20 == 0 else "")
     bar.close()

@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -214,13 +214,14 @@ def evaluate(graphdef: Any, trained: Any, frozen: Any, data: Data, full: bool) -
         )  # fmt: skip
     decode = _DECODERS[key]
     prompts, lengths = jnp.asarray(data.prompts), jnp.asarray(data.lengths)
-    out = decode(trained, (frozen,), prompts, lengths) if not full else decode(trained, prompts, lengths)
+    out = (
+        decode(trained, (frozen,), prompts, lengths)
+        if not full
+        else decode(trained, prompts, lengths)
+    )
     out = np.asarray(out)
     return np.stack(
-        [
-            math_task.score(paper_base.completions(row, data.lengths), data.test)
-            for row in out
-        ]
+        [math_task.score(paper_base.completions(row, data.lengths), data.test) for row in out]
     )
 
 
@@ -389,14 +390,12 @@ def findings(analysis: dict[str, Any], record: dict[str, Any]) -> list[str]:
     """The summary's sentences, each computed from ``analysis``."""
     lines = []
     n = len(record["seeds"])
-    for name, row in analysis.items():
+    for row in analysis.values():
         v = row.get("vs_lora")
         if v is None:
             continue
         low, high = v["ci95"]
-        where = (
-            "above" if low > 0 else "below" if high < 0 else "not distinguishable from"
-        )
+        where = "above" if low > 0 else "below" if high < 0 else "not distinguishable from"
         lines.append(
             f"{METHODS[row['method']]}"
             + (f" (rank {row['rank']})" if row["rank"] is not None else "")
@@ -410,8 +409,12 @@ def findings(analysis: dict[str, Any], record: dict[str, Any]) -> list[str]:
 
 def headline(analysis: dict[str, Any]) -> str:
     """One sentence: which clippers' intervals exclude zero."""
-    above = [k for k, r in analysis.items() if r["method"] in CLIPPERS and r["vs_lora"]["ci95"][0] > 0]
-    below = [k for k, r in analysis.items() if r["method"] in CLIPPERS and r["vs_lora"]["ci95"][1] < 0]
+    above = [
+        k for k, r in analysis.items() if r["method"] in CLIPPERS and r["vs_lora"]["ci95"][0] > 0
+    ]
+    below = [
+        k for k, r in analysis.items() if r["method"] in CLIPPERS and r["vs_lora"]["ci95"][1] < 0
+    ]
     if not above and not below:
         return (
             "No clipper's accuracy differs from LoRA alone beyond its 95% paired bootstrap "
@@ -422,7 +425,11 @@ def headline(analysis: dict[str, Any]) -> str:
         parts.append("above LoRA alone: " + ", ".join(above))
     if below:
         parts.append("below LoRA alone: " + ", ".join(below))
-    return "Configurations whose 95% paired bootstrap interval excludes zero: " + "; ".join(parts) + "."
+    return (
+        "Configurations whose 95% paired bootstrap interval excludes zero: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def summary_md(record: dict[str, Any]) -> str:
@@ -446,11 +453,12 @@ def summary_md(record: dict[str, Any]) -> str:
         "vs LoRA alone (points) | 95% paired bootstrap | higher / equal / lower |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, row in analysis.items():
+    for row in analysis.values():
         per_seed = ", ".join(_pct(a) for a in row["accuracy"])
         v = row.get("vs_lora")
         rest = (
-            f"{100 * v['mean_diff']:+.1f} | [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}] | "
+            f"{100 * v['mean_diff']:+.1f} | "
+            f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}] | "
             f"{v['wins']} / {v['ties']} / {v['losses']}"
             if v
             else "(reference) | | "
@@ -484,7 +492,9 @@ def summary_md(record: dict[str, Any]) -> str:
             "|---|" + "---|" * len(clip_rows[0]["clip_down_count"]),
         ]
         for r in clip_rows:
-            cells = [f"{np.mean(r['clip_down_count'][g]):.1f}" for g in sorted(r["clip_down_count"])]
+            cells = [
+                f"{np.mean(r['clip_down_count'][g]):.1f}" for g in sorted(r["clip_down_count"])
+            ]
             lines.append(f"| {config_name(r['method'], r['rank'])} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -561,7 +571,9 @@ def write_reports(record: dict[str, Any], out: str) -> str:
     os.makedirs(out, exist_ok=True)
     summary = summary_md(record)
     figs = {
-        "paper_sft_accuracy.png": plot_accuracy(record, os.path.join(out, "paper_sft_accuracy.png")),
+        "paper_sft_accuracy.png": plot_accuracy(
+            record, os.path.join(out, "paper_sft_accuracy.png")
+        ),
         "paper_sft_loss.png": plot_loss(record, os.path.join(out, "paper_sft_loss.png")),
     }
     summary += "\n## Figure titles\n\n" + "".join(
@@ -635,7 +647,9 @@ def _ints(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
@@ -652,9 +666,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=_ints, default=None, help="LoRA ranks (default: protocol)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny, not evidence")
     parser.add_argument("--report-from", default=None, metavar="RECORD",
-                        help="rewrite summary.md and the figures from a results.json(.gz)")  # fmt: skip
+                        help="rewrite summary.md and the figures from a record "
+                        "(results.json or .json.gz)")  # fmt: skip
     parser.add_argument("--calibrate", default=None, metavar="JSON",
-                        help="LoRA-alone calibration: a JSON list of protocol overrides")  # fmt: skip
+                        help="LoRA-alone calibration: a JSON list of protocol "
+                        "overrides")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
