@@ -602,9 +602,24 @@ def write_reports(record: dict[str, Any], out: str) -> str:
 
 
 def load_record(path: str) -> dict[str, Any]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return json.load(f)
+    """A record (``results.json`` or ``.json.gz``), or several separated by commas (runs of
+    the same protocol and seeds made by separate ``--methods`` processes), merged."""
+    records = []
+    for part in path.split(","):
+        opener = gzip.open if part.endswith(".gz") else open
+        with opener(part, "rt") as f:
+            records.append(json.load(f))
+    merged = records[0]
+    for other in records[1:]:
+        for key in ("protocol", "seeds", "test_answers"):
+            if other[key] != merged[key]:
+                raise SystemExit(f"--report-from: the records differ in {key!r}; cannot merge")
+        merged["runs"] += other["runs"]
+        merged["meta"]["seconds"] = max(merged["meta"]["seconds"], other["meta"]["seconds"])
+        merged["meta"]["command"] += " ; " + other["meta"]["command"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    merged["runs"].sort(key=lambda r: (r["rank"] is None, r["rank"] or 0, order[r["method"]]))
+    return merged
 
 
 # ---------------------------------------------------------------------------
@@ -613,7 +628,11 @@ def load_record(path: str) -> dict[str, Any]:
 
 
 def run_study(
-    p: dict[str, Any], seeds: Sequence[int], corpus: str | None, quiet: bool
+    p: dict[str, Any],
+    seeds: Sequence[int],
+    corpus: str | None,
+    quiet: bool,
+    methods: Sequence[str] = tuple(METHODS),
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_path = paper_base.BASE_PATH
@@ -626,7 +645,8 @@ def run_study(
         base_meta = {"sha256": paper_base.file_sha256(base_path), "corpus": "python-stdlib"}
     base_meta["num_params"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param))))
     data = make_data(p)
-    configs = [(m, r) for r in p["ranks"] for m in METHODS if m != "full_ft"] + [("full_ft", None)]
+    configs = [(m, r) for r in p["ranks"] for m in methods if m != "full_ft"]
+    configs += [("full_ft", None)] if "full_ft" in methods else []
     bar = Progress(len(configs) * p["steps"], "paper SFT study", quiet=quiet)
     runs = []
     for method, rank in configs:
@@ -682,6 +702,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "pretrained on the Python standard library)")  # fmt: skip
     parser.add_argument("--ranks", type=_ints, default=None, help="LoRA ranks (default: protocol)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny, not evidence")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of the methods (to split the study over "
+                        "processes; merge with --report-from A,B)")  # fmt: skip
     parser.add_argument("--report-from", default=None, metavar="RECORD",
                         help="rewrite summary.md and the figures from a record "
                         "(results.json or .json.gz)")  # fmt: skip
@@ -692,6 +715,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has repeats: {args.seeds}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown}; allowed: {list(METHODS)}")
     if args.ranks is not None and min(args.ranks) < 1:
         parser.error(f"--ranks must be >= 1, got {args.ranks}")
     return args
@@ -709,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = {**PROTOCOL, **(QUICK if args.quick else {}), "_out": args.out}
     if args.ranks is not None:
         p["ranks"] = list(args.ranks)
-    record = run_study(p, args.seeds, args.corpus, args.quiet)
+    record = run_study(p, args.seeds, args.corpus, args.quiet, args.methods)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(record, f)
