@@ -372,8 +372,9 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
             "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0,
             "se_per_seed": float(np.mean(np.sqrt(acc * (1 - acc) / correct.shape[1]))),
         }
-        if r["method"] != "lora":
-            ref = runs[config_name("lora", r["rank"] if r["rank"] is not None else first_rank)]
+        ref_name = config_name("lora", r["rank"] if r["rank"] is not None else first_rank)
+        if r["method"] != "lora" and ref_name in runs:  # a --methods subset may lack it
+            ref = runs[ref_name]
             ref_correct = np.asarray(ref["correct"], float)
             d = acc - ref_correct.mean(axis=1)
             row["vs_lora"] = {
@@ -424,11 +425,12 @@ def findings(analysis: dict[str, Any], record: dict[str, Any]) -> list[str]:
 
 def headline(analysis: dict[str, Any]) -> str:
     """One sentence: which clippers' intervals exclude zero."""
+    compared = {k: r["vs_lora"] for k, r in analysis.items() if "vs_lora" in r}
     above = [
-        k for k, r in analysis.items() if r["method"] in CLIPPERS and r["vs_lora"]["ci95"][0] > 0
+        k for k, v in compared.items() if analysis[k]["method"] in CLIPPERS and v["ci95"][0] > 0
     ]
     below = [
-        k for k, r in analysis.items() if r["method"] in CLIPPERS and r["vs_lora"]["ci95"][1] < 0
+        k for k, v in compared.items() if analysis[k]["method"] in CLIPPERS and v["ci95"][1] < 0
     ]
     if not above and not below:
         return (
@@ -656,8 +658,10 @@ def write_reports(record: dict[str, Any], out: str) -> str:
     )
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary)
-    with open(os.path.join(out, "page_tables.md"), "w") as f:
-        f.write(page_table(record) + "\n\n" + table1_form(record) + "\n")
+    complete = {(m, r) for r in record["protocol"]["ranks"] for m in METHODS if m != "full_ft"}
+    if complete | {("full_ft", None)} <= {(r["method"], r["rank"]) for r in record["runs"]}:
+        with open(os.path.join(out, "page_tables.md"), "w") as f:
+            f.write(page_table(record) + "\n\n" + table1_form(record) + "\n")
     return summary
 
 
@@ -792,7 +796,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.report_from is not None:
         record = load_record(args.report_from)
-        print(write_reports(record, args.out))
+        summary = write_reports(record, args.out)
+        if "," in args.report_from:  # the merged record, next to its reports
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump(record, f)
+        print(summary)
         return record
     if args.calibrate is not None:
         rows = calibrate(json.loads(args.calibrate), args.seeds)

@@ -261,7 +261,7 @@ def _bootstrap(diff: np.ndarray, num: int = 4000, seed: int = 7) -> tuple[float,
 def _page_rows() -> dict[str, list[str]]:
     with open(PAGE) as f:
         text = f.read()
-    section = text.split("<!-- sft-table -->")[1]
+    section = text.split("<!-- sft-table -->")[1].split("<!-- sft-claims -->")[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -297,6 +297,12 @@ def test_page_table_and_claims_match_the_record() -> None:
     with open(PAGE) as f:
         text = f.read()
     claims = text.split("<!-- sft-claims -->")[1].split("<!-- /sft-claims -->")[0]
+    import paper_sft
+
+    # every sentence of the claims block is the one the record gives
+    analysis = paper_sft.analyse(record)
+    for sentence in [paper_sft.headline(analysis), *paper_sft.findings(analysis, record)]:
+        assert sentence in claims
     clipper_ci = {k: v for k, v in intervals.items() if v[2] != "full_ft"}
     excludes = [k for k, (lo, hi, _) in clipper_ci.items() if lo > 0 or hi < 0]
     if not excludes:
@@ -338,3 +344,45 @@ def test_quick_run_writes_a_consistent_record(tmp_path: pathlib.Path) -> None:
     summary = (out / "summary.md").read_text()
     assert summary == paper_sft.summary_md(record) + summary[len(paper_sft.summary_md(record)) :]
     assert (out / "paper_sft_accuracy.png").stat().st_size > 0
+
+
+def _page_text() -> str:
+    with open(PAGE) as f:
+        return f.read()
+
+
+def test_page_clip_counts_and_table1_form_match() -> None:
+    record = _record()
+    text = _page_text()
+    runs = {(r["method"], r["rank"]): r for r in record["runs"]}
+    rank = record["protocol"]["ranks"][0]
+    for (method, r_rank), run in runs.items():
+        if not run["clip_down_count"]:
+            continue
+        name = method if r_rank is None else f"{method}@r{r_rank}"
+        line = next(x for x in text.splitlines() if x.startswith(f"| `{name}` |") and "+-" not in x)
+        groups = sorted(run["clip_down_count"])
+        want = [f"{np.mean(run['clip_down_count'][g]):.1f}" for g in groups]
+        assert [c.strip() for c in line.strip().strip("|").split("|")][1:] == want
+        # a group cannot be clipped on more optimizer steps than there were
+        assert max(max(v) for v in run["clip_down_count"].values()) <= record["protocol"]["steps"]
+    # Table 1 (GSM8K column) as printed in the paper, typed here from the PDF
+    paper = {"Full FT": ("49.13", "69.91", "72.09"), "LoRA": ("42.85", "69.5", "75.11"),
+             "AGGC": ("48.06", "72.93", "78.54")}  # fmt: skip
+    table = text.split("## In the form of the paper's Table 1")[1]
+    rows = {
+        c[0]: c
+        for c in ([x.strip() for x in line.strip().strip("|").split("|")] for line in
+                  table.splitlines() if line.startswith("| ") and "---" not in line)
+    }  # fmt: skip
+    ours = {"Full FT": ("full_ft", None), "LoRA": ("lora", rank),
+            "AGGC (presets.lora_sft, as described)": ("lora_sft_preset", rank),
+            "AGGC (callback as ran, accumulation 2)": ("as_ran_k2", rank),
+            "AGGC (callback as ran, accumulation 4)": ("as_ran_k4", rank),
+            "AGGC (aggc() defaults)": ("lora_aggc", rank)}  # fmt: skip
+    for label, key in ours.items():
+        acc = _accuracies(runs[key])
+        cells = rows[label]
+        assert cells[1] == f"{100 * acc.mean():.1f} +- {100 * acc.std(ddof=1):.1f}"
+        paper_key = "AGGC" if label.startswith("AGGC") else label
+        assert tuple(float(c) for c in cells[2:5]) == tuple(float(x) for x in paper[paper_key])
