@@ -386,3 +386,45 @@ def test_page_clip_counts_and_table1_form_match() -> None:
         assert cells[1] == f"{100 * acc.mean():.1f} +- {100 * acc.std(ddof=1):.1f}"
         paper_key = "AGGC" if label.startswith("AGGC") else label
         assert tuple(float(c) for c in cells[2:5]) == tuple(float(x) for x in paper[paper_key])
+
+
+def test_what_the_runs_show_matches_the_record() -> None:
+    record = _record()
+    text = _page_text()
+    steps = record["protocol"]["steps"]
+    runs = {r["method"]: r for r in record["runs"]}
+    acc = {m: _accuracies(r) for m, r in runs.items()}
+    clippers = ("lora_global_clip", "lora_sft_preset", "as_ran_k2", "as_ran_k4", "lora_aggc")
+    # "every clipper's mean is above LoRA alone's"; stds 4.1 to 6.0 against 1.5
+    assert all(acc[m].mean() > acc["lora"].mean() for m in clippers)
+    stds = [100 * acc[m].std(ddof=1) for m in clippers]
+    assert f"std {min(stds):.1f} to {max(stds):.1f} points against " in text
+    assert f"against {100 * acc['lora'].std(ddof=1):.1f})" in text
+    ref = 100 * acc["lora"].std(ddof=1)
+    assert f"spread {min(stds) / ref:.1f} to\n  {max(stds) / ref:.1f} times as wide" in text
+    # "every configuration scored below" the constant-answer floor; LoRA alone's mean
+    answers = np.asarray(record["test_answers"])
+    values, counts = np.unique(answers, return_counts=True)
+    floor = counts.max() / answers.size
+    assert f"answering {values[np.argmax(counts)]} to every problem would score " in text
+    assert f"{100 * floor:.1f}%" in text
+    assert all(a.mean() < floor for a in acc.values())
+    assert f"LoRA alone reached {100 * acc['lora'].mean():.1f}% on the study's" in text
+    # as_ran_k2 above LoRA alone on every seed
+    assert np.all(acc["as_ran_k2"] > acc["lora"]) and "on all 5 seeds" in text
+
+    # how often each clipper clipped, as shares of the steps
+    def share(method: str) -> str:
+        means = [np.mean(v) / steps for v in runs[method]["clip_down_count"].values()]
+        return f"{100 * min(means):.0f}-{100 * max(means):.0f}%"
+
+    assert f"clipped\n  a group down on {share('lora_sft_preset')} of steps" in text
+    assert f"on {share('as_ran_k2')} (k = 2) and {share('as_ran_k4')} (k = 4)" in text
+    aggc = [np.mean(v) / steps for v in runs["lora_aggc"]["clip_down_count"].values()]
+    assert f"on {100 * min(aggc):.1f}-{100 * max(aggc):.1f}%" in text
+    # final training losses: preset highest, global clip lowest
+    final = {m: float(np.mean(np.asarray(r["loss"])[:, -10:])) for m, r in runs.items()}
+    assert max(final, key=final.get) == "lora_sft_preset"
+    assert min(final, key=final.get) == "lora_global_clip"
+    assert f"({final['lora_sft_preset']:.3f}, mean of the last 10 steps)" in text
+    assert f"global clipping lowest ({final['lora_global_clip']:.3f})" in text
