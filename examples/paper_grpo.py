@@ -87,8 +87,12 @@ METHODS: dict[str, tuple[str, Builder]] = {
 }
 # Calibration only: the learning rate is chosen with no clipper at all.
 NO_CLIP = ("none", "no clipping (calibration only)")
-SHORT = {"global_clip": "GRPO (global clip 1.0)", "grpo_preset": "GRPO + presets.grpo",
-         "aggc": "GRPO + aggc()", "none": "GRPO, no clipping"}  # fmt: skip
+SHORT = {
+    "global_clip": "GRPO (global clip 1.0)",
+    "grpo_preset": "GRPO + presets.grpo",
+    "aggc": "GRPO + aggc()",
+    "none": "GRPO, no clipping",
+}
 COLORS = {"global_clip": "#1f77b4", "grpo_preset": "#2ca02c", "aggc": "#d62728", "none": "#7f7f7f"}
 RESCALED_TOL = 1e-4  # a factor further than this from 1 counts as "rescaled"
 CALIBRATION_SEED = 100  # never one of the study's seeds
@@ -250,17 +254,23 @@ class Runner:
         s = self.setup
         adam = grpo.adamw_direction(s.b1, s.b2, s.adam_eps, s.weight_decay)
         update = grpo.make_update(
-            self.policy.graphdef, clipper, adam, s.grpo_config(), s.group_size, self.ids,
+            self.policy.graphdef,
+            clipper,
+            adam,
+            s.grpo_config(),
+            s.group_size,
+            self.ids,
             len(self.labels),
-        )  # fmt: skip
+        )
         init = jax.jit(jax.vmap(lambda p: (clipper.init(p), adam.init(p))))
         return init, jax.jit(jax.vmap(update, in_axes=(0, 0, None, 0, 0)), donate_argnums=(0, 1))
 
     def rollout_prompts(self, seeds: Sequence[int], step: int) -> tuple[list[list[Any]], Any]:
         s = self.setup
         lo, hi = step * s.prompts_per_step, (step + 1) * s.prompts_per_step
-        problems = [[p for p in self.data.train[seed][lo:hi] for _ in range(s.group_size)]
-                    for seed in seeds]  # fmt: skip
+        problems = [
+            [p for p in self.data.train[seed][lo:hi] for _ in range(s.group_size)] for seed in seeds
+        ]
         arrays = [
             left_pad([self.policy.task.encode(p.prompt) for p in ps], self.data.prompt_len)
             for ps in problems
@@ -279,7 +289,7 @@ class Runner:
                 [
                     self.policy.task.score(
                         completion_texts(self.policy.task, t, m), self.data.test[lo:hi]
-                    )  # fmt: skip
+                    )
                     for t, m in zip(toks, mask)
                 ]
             )
@@ -327,7 +337,7 @@ def train(
         state[m]["eval"][0] = start
     for step in range(setup.steps):
         problems, (prompts, valid) = runner.rollout_prompts(seeds, step)
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         status = []
         for m in methods:
             st = state[m]
@@ -472,8 +482,9 @@ def table_md(analysis: dict[str, Any], setup: dict[str, Any]) -> str:
         f"| strategy | test accuracy % (mean ± std over {len(setup['seeds'])} seeds) | "
         "per seed | paper, Qwen2.5-1.5B GSM8K | paper, MATH |",
         "|---|---|---|---|---|",
-        f"| Base (the SFT policy, greedy) | {_pct(base.mean())} (± {_pct(standard_error(base.mean(), n))} "
-        f"s.e., n={n}) | {', '.join(_pct(x) for x in base)} | {paper['Base'][0]} | {paper['Base'][1]} |",
+        f"| Base (the SFT policy, greedy) | {_pct(base.mean())} "
+        f"(± {_pct(standard_error(base.mean(), n))} s.e., n={n}) | "
+        f"{', '.join(_pct(x) for x in base)} | {paper['Base'][0]} | {paper['Base'][1]} |",
     ]
     rows = {"global_clip": "GRPO", "grpo_preset": "AGGC", "aggc": None}
     for m, a in analysis["methods"].items():
@@ -491,12 +502,14 @@ def findings(analysis: dict[str, Any], setup: dict[str, Any]) -> list[str]:
     seeds, n = setup["seeds"], analysis["n_test"]
     se = max(standard_error(a["mean"], n) for a in analysis["methods"].values())
     out = []
+    base = float(np.mean(list(analysis["base"].values())))
     for m, a in analysis["methods"].items():
         up = sum(v > 0 for v in a["gain_over_base"].values())
         out.append(
-            f"{SHORT[m]}: test accuracy {_pct(a['mean'])}% (base {_pct(np.mean(list(analysis['base'].values())))}%), "
+            f"{SHORT[m]}: test accuracy {_pct(a['mean'])}% (the SFT start {_pct(base)}%), "
             f"above the SFT start on {up} of {len(seeds)} seeds; mean training reward "
-            f"{a['reward_first']:.3f} in the first tenth of the steps, {a['reward_last']:.3f} in the last."
+            f"{a['reward_first']:.3f} in the first tenth of the steps, "
+            f"{a['reward_last']:.3f} in the last."
         )
     for m, a in analysis["methods"].items():
         if "diff_vs_global" not in a:
@@ -580,18 +593,27 @@ def plot_curves(record: dict[str, Any], out: str) -> list[str]:
 
     def band(ax: Any, x: np.ndarray, v: np.ndarray, m: str, smooth: int) -> None:
         mean = v.mean(0)
-        ax.plot(x, centered_mean(mean, smooth) if smooth > 1 else mean, color=COLORS[m],
-                label=SHORT[m])  # fmt: skip
+        ax.plot(
+            x, centered_mean(mean, smooth) if smooth > 1 else mean, color=COLORS[m], label=SHORT[m]
+        )
         for row in v:
-            ax.plot(x, centered_mean(row, smooth) if smooth > 1 else row, color=COLORS[m],
-                    alpha=0.25, lw=0.8)  # fmt: skip
+            ax.plot(
+                x,
+                centered_mean(row, smooth) if smooth > 1 else row,
+                color=COLORS[m],
+                alpha=0.25,
+                lw=0.8,
+            )
 
     # Figure 5 form: reward during training; with test accuracy at the evaluation steps.
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for m, v in _curves(record, "reward").items():
         band(ax1, np.arange(1, v.shape[1] + 1), v, m, width)
-    ax1.set(xlabel="rollout step", ylabel="mean reward (fraction correct, sampled)",
-            title=f"Training reward (centred mean of {width} steps; thin: {seeds} seeds)")  # fmt: skip
+    ax1.set(
+        xlabel="rollout step",
+        ylabel="mean reward (fraction correct, sampled)",
+        title=f"Training reward (centred mean of {width} steps; thin: {seeds} seeds)",
+    )
     ax1.legend()
     for m in record["methods"]:
         steps = sorted(int(s) for s in record["runs"][0]["eval"])
@@ -603,8 +625,11 @@ def plot_curves(record: dict[str, Any], out: str) -> list[str]:
             ]
         )
         band(ax2, np.asarray(steps), 100 * acc, m, 1)
-    ax2.set(xlabel="rollout step", ylabel="test accuracy % (greedy)",
-            title=f"Held-out accuracy (n={record['analysis']['n_test']} problems)")  # fmt: skip
+    ax2.set(
+        xlabel="rollout step",
+        ylabel="test accuracy % (greedy)",
+        title=f"Held-out accuracy (n={record['analysis']['n_test']} problems)",
+    )
     fig.tight_layout()
     path = os.path.join(out, "paper_grpo_reward.png")
     fig.savefig(path, dpi=110)
@@ -618,10 +643,16 @@ def plot_curves(record: dict[str, Any], out: str) -> list[str]:
         band(ax1, np.arange(1, v.shape[1] + 1), v, m, w2)
     for m, v in _curves(record, "pg_loss").items():
         band(ax2, np.arange(1, v.shape[1] + 1), v, m, w2)
-    ax1.set(xlabel="optimizer step", ylabel="k3 KL to the SFT policy (token mean)",
-            title=f"KL divergence (centred mean of {w2} steps)")  # fmt: skip
-    ax2.set(xlabel="optimizer step", ylabel="clipped-ratio policy loss (token mean)",
-            title=f"PG loss (centred mean of {w2} steps)")  # fmt: skip
+    ax1.set(
+        xlabel="optimizer step",
+        ylabel="k3 KL to the SFT policy (token mean)",
+        title=f"KL divergence (centred mean of {w2} steps)",
+    )
+    ax2.set(
+        xlabel="optimizer step",
+        ylabel="clipped-ratio policy loss (token mean)",
+        title=f"PG loss (centred mean of {w2} steps)",
+    )
     ax1.legend()
     fig.tight_layout()
     path = os.path.join(out, "paper_grpo_kl_pg.png")
@@ -659,11 +690,25 @@ def _floats(text: str) -> tuple[float, ...]:
 
 # The protocol (fixed before any clipper ran; see docs/paper-miniature-grpo.md).
 DEFAULTS = dict(
-    steps=40, prompts_per_step=4, group_size=8, max_new=48, temperature=1.0, lr=1e-4,
-    weight_decay=0.01, b1=0.9, b2=0.999, adam_eps=1e-8, clip_ratio=0.2, clip_ratio_c=3.0,
-    kl_coef=0.001, mini_batches=2, seeds=(0, 1, 2), test_problems=300, eval_every=20,
+    steps=40,
+    prompts_per_step=4,
+    group_size=8,
+    max_new=48,
+    temperature=1.0,
+    lr=1e-4,
+    weight_decay=0.01,
+    b1=0.9,
+    b2=0.999,
+    adam_eps=1e-8,
+    clip_ratio=0.2,
+    clip_ratio_c=3.0,
+    kl_coef=0.001,
+    mini_batches=2,
+    seeds=(0, 1, 2),
+    test_problems=300,
+    eval_every=20,
     test_seed=0,
-)  # fmt: skip
+)
 QUICK = dict(steps=4, prompts_per_step=2, group_size=4, seeds=(0,), test_problems=32, eval_every=2)
 
 
@@ -673,20 +718,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=os.path.join("runs", "paper_grpo"), help="output folder")
     p.add_argument("--seeds", type=_ints, default=None, help=f"seeds (default {DEFAULTS['seeds']})")
-    p.add_argument("--corpus", default=None,
-                   help="the base model's pretraining text, passed to part 1's loader")  # fmt: skip
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="the base model's pretraining text, passed to part 1's loader",
+    )
     p.add_argument(
         "--quick", action="store_true", help="a smoke test of the pipeline (not evidence)"
     )
     p.add_argument("--steps", type=int, default=None, help="rollout steps per run")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {', '.join(METHODS)}")  # fmt: skip
-    p.add_argument("--calibrate", type=_floats, default=None, metavar="RATES",
-                   help="GRPO without clipping at these rates on the calibration seed only")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)}",
+    )
+    p.add_argument(
+        "--calibrate",
+        type=_floats,
+        default=None,
+        metavar="RATES",
+        help="GRPO without clipping at these rates on the calibration seed only",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--report-from", default=None, metavar="RESULTS_JSON",
-                   help="only rewrite summary.md and the PNGs from an earlier results.json")  # fmt: skip
+    p.add_argument(
+        "--report-from",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only rewrite summary.md and the PNGs from an earlier results.json",
+    )
     args = p.parse_args(argv)
     args.methods = tuple(x for x in args.methods.split(",") if x)
     unknown = [m for m in args.methods if m not in METHODS]
@@ -769,9 +829,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     elif not args.quiet:
         for r in record["runs"]:
             rw = np.asarray(r["reward"])
-            print(f"lr {r['lr']:g}: reward first third {rw[: len(rw) // 3].mean():.3f}, "
-                  f"last third {rw[-len(rw) // 3 :].mean():.3f}, final kl {r['kl'][-1]:.3g}, "
-                  f"test acc {accuracy_of(r['eval'][str(setup.steps)]):.3f}")  # fmt: skip
+            print(
+                f"lr {r['lr']:g}: reward first third {rw[: len(rw) // 3].mean():.3f}, "
+                f"last third {rw[-len(rw) // 3 :].mean():.3f}, final kl {r['kl'][-1]:.3g}, "
+                f"test acc {accuracy_of(r['eval'][str(setup.steps)]):.3f}"
+            )
     return record
 
 
