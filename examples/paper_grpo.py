@@ -104,6 +104,18 @@ PAPER_TABLE5 = {
     "Llama 3.2 3B Instruct": {"Base": (78.5, 47.2), "GRPO": (81.4, 49.0), "AGGC": (82.3, 50.2)},
 }
 PAPER_GRPO = {"batch_size": 512, "lr": 1e-6, "weight_decay": 0.01, "ema_beta": 0.99}
+PAPER_SFT_LR = 2e-5  # the paper's LoRA SFT rate (§4, Table 7)
+
+
+def scaled_lr() -> float:
+    """The GRPO rate: part 1's LoRA SFT rate times the paper's GRPO/SFT ratio (1e-6 / 2e-5).
+
+    The paper fine-tunes with LoRA at 2e-5 and runs GRPO (every weight) at 1e-6;
+    the miniature keeps that ratio to its own SFT rate rather than tuning one.
+    """
+    import paper_sft
+
+    return float(paper_sft.PROTOCOL["lr"]) * PAPER_GRPO["lr"] / PAPER_SFT_LR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +127,7 @@ class Setup:
     group_size: int  # G completions per prompt
     max_new: int  # completion bytes sampled at most
     temperature: float
-    lr: float
+    lr: float  # AdamW, constant (verl's default: no warm-up, no decay)
     weight_decay: float
     b1: float
     b2: float
@@ -161,17 +173,75 @@ class Policy:
     identity: dict[str, Any]
 
 
-def load_policy(args: argparse.Namespace) -> Policy:
-    """Part 1's SFT policy (STAND-IN until branch ``paper`` is merged)."""
-    import _grpo_standin as standin
+class TaskView:
+    """``math_task`` at one difficulty: ``generate(split, num, seed)`` and the scoring."""
 
-    graphdef, params, cfg = standin.sft_policy(steps=40 if args.quick else 300)
-    return Policy(
-        graphdef,
-        params,
-        standin,
-        {"source": "STAND-IN (not part 1's model)", "model": dataclasses.asdict(cfg)},
-    )
+    def __init__(self, module: Any, difficulty: Any = None):
+        self.module, self.difficulty = module, difficulty
+        self.END, self.encode, self.decode = module.END, module.encode, module.decode
+        self.score = module.score
+
+    def generate(self, split: str, num: int, seed: int) -> list[Any]:
+        if self.difficulty is None:
+            return self.module.generate(split, num, seed)
+        return self.module.generate(split, num, seed, self.difficulty)
+
+
+def merge_lora(graphdef: Any, adapters: Any, frozen: Any) -> tuple[Any, Any]:
+    """``(graphdef, params)`` of a plain decoder whose kernels are ``W + A @ B``.
+
+    GRPO in the paper trains every weight of the SFT model (verl's actor, no
+    adapters), so the SFT adapters are merged into the base weights first
+    (``nnx.LoRA`` adds ``x @ A @ B`` unscaled: ``lora_alpha = r``).
+    """
+    model = nnx.merge(graphdef, adapters, frozen)
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name, sub in list(vars(block).items()):
+                if isinstance(sub, nnx.LoRA):
+                    base = sub.base_module
+                    base.kernel[...] = base.kernel[...] + sub.lora_a[...] @ sub.lora_b[...]
+                    setattr(block, name, base)
+    return nnx.split(model, nnx.Param)
+
+
+SFT_SEED = 0  # part 1's LoRA-alone SFT run GRPO starts from (the same start for every seed)
+QUICK_SFT = {"train_problems": 64, "test_problems": 16, "steps": 4, "batch_size": 4}
+
+
+def load_policy(args: argparse.Namespace) -> Policy:
+    """Part 1's LoRA-alone SFT policy (``paper_base.sft_policy``), adapters merged.
+
+    With ``--corpus`` the base model is first pretrained on that text by part
+    1's deterministic recipe (``paper_base.pretrain``), then fine-tuned the same way.
+    """
+    import math_task
+    import paper_base
+    import paper_sft
+
+    overrides = dict(QUICK_SFT) if args.quick else {}
+    p = {**paper_sft.PROTOCOL, **overrides}
+    identity: dict[str, Any] = {
+        "source": f"part 1's LoRA-alone SFT policy (paper_sft.PROTOCOL, seed {SFT_SEED}), "
+        "adapters merged",
+        "sft_protocol": p,
+        "base_sha256": paper_base.BASE_SHA256,
+    }
+    if args.corpus is None:
+        base = paper_base.load_base()
+    else:
+        path = os.path.join(args.out, "base.msgpack")
+        pre = paper_base.pretrain(path, args.corpus, quiet=args.quiet)
+        base = paper_base.load_base(path, sha256=pre["sha256"])
+        identity |= {"base_sha256": pre["sha256"], "corpus": pre["corpus"]}
+    data = paper_sft.make_data(p)
+    out = paper_sft.train_runs("lora", p["ranks"][0], [SFT_SEED], p, data, base)
+    adapters = jax.tree.map(lambda x: x[0], out["trained"])
+    graphdef, params = merge_lora(out["graphdef"], adapters, out["frozen"])
+    identity["sft_test_accuracy"] = float(np.mean(out["correct"][0]))
+    difficulty = math_task.Difficulty(**p["difficulty"])
+    task = TaskView(math_task, difficulty)
+    return Policy(graphdef, params, task, identity)
 
 
 def params_sha256(params: Any) -> str:
@@ -727,7 +797,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="a smoke test of the pipeline (not evidence)"
     )
     p.add_argument("--steps", type=int, default=None, help="rollout steps per run")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="AdamW learning rate (default: part 1's SFT rate x 1e-6 / 2e-5, the paper's ratio)",
+    )
     p.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -768,8 +843,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     if args.steps is not None:
         fields["steps"] = args.steps
         fields["eval_every"] = min(fields["eval_every"], args.steps)
-    if args.lr is not None:
-        fields["lr"] = args.lr
+    fields["lr"] = args.lr if args.lr is not None else scaled_lr()
     if args.calibrate is not None:
         fields["seeds"] = (CALIBRATION_SEED,)
     return Setup(**fields)

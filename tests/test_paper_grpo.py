@@ -10,6 +10,7 @@ the full study feeds the checks of every table and sentence of
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import sys
@@ -205,3 +206,91 @@ def test_first_update_pg_loss_is_minus_mean_advantage_and_kl_zero(model):
     assert float(metrics["kl"][1]) > 0.0  # the second mini-batch sees the updated policy
     # identity clipper: before == after
     np.testing.assert_array_equal(metrics["norms_before"], metrics["norms_after"])
+
+
+# ---------------------------------------------------------------------------
+# The study: one --quick run (pipeline), and the vendored record (claims).
+# ---------------------------------------------------------------------------
+
+RECORD = os.path.join(ROOT, "docs", "data", "paper_grpo_results.json.gz")
+DOC = os.path.join(ROOT, "docs", "paper-miniature-grpo.md")
+
+
+def _acc(bits: str) -> float:
+    return sum(c == "1" for c in bits) / len(bits)
+
+
+def _check_analysis(record):
+    """Every number of ``record["analysis"]``, recomputed here from the runs."""
+    setup, analysis = record["setup"], record["analysis"]
+    seeds, last = setup["seeds"], str(setup["steps"])
+    runs = {(r["method"], r["seed"]): r for r in record["runs"]}
+    assert len(runs) == len(record["runs"]) == len(record["methods"]) * len(seeds)
+    first = next(iter(record["methods"]))
+    for (_, s), r in runs.items():
+        assert len(r["reward"]) == setup["steps"]
+        assert len(r["kl"]) == len(r["pg_loss"]) == setup["steps"] * setup["mini_batches"]
+        # every run starts from the same SFT weights: the same step-0 answers
+        assert r["eval"]["0"] == runs[(first, s)]["eval"]["0"]
+    half = setup["steps"] * setup["mini_batches"] // 2
+    for m, a in analysis["methods"].items():
+        final = np.array([_acc(runs[(m, s)]["eval"][last]) for s in seeds])
+        np.testing.assert_allclose(a["mean"], final.mean(), atol=1e-12)
+        if len(seeds) > 1:
+            np.testing.assert_allclose(a["std"], np.std(final, ddof=1), atol=1e-12)
+        kl = np.array([runs[(m, s)]["kl"] for s in seeds], float)
+        pg = np.array([runs[(m, s)]["pg_loss"] for s in seeds], float)
+        np.testing.assert_allclose(a["kl_first_half"], kl[:, :half].mean(), rtol=1e-9)
+        np.testing.assert_allclose(a["kl_second_half"], kl[:, half:].mean(), rtol=1e-9)
+        np.testing.assert_allclose(a["pg_loss_mean"], pg.mean(), rtol=1e-9, atol=1e-12)
+        base = np.array([_acc(runs[(m, s)]["eval"]["0"]) for s in seeds])
+        assert sum(final > base) == sum(v > 0 for v in a["gain_over_base"].values())
+        if m != "global_clip":
+            ref = np.array([_acc(runs[("global_clip", s)]["eval"][last]) for s in seeds])
+            assert a["wins_vs_global"] == int(np.sum(final > ref))
+            np.testing.assert_allclose(list(a["diff_vs_global"].values()), final - ref, atol=1e-12)
+        # the rescaled fraction: pairs whose factor is further than the tolerance from 1
+        frac = np.mean([np.mean(runs[(m, s)]["rescaled_fraction"]) for s in seeds])
+        np.testing.assert_allclose(a["rescaled_fraction"], frac, rtol=1e-9, atol=1e-12)
+        if m == "global_clip":  # one factor for every group: clipped iff the global norm > 1
+            for s in seeds:
+                r = runs[(m, s)]
+                clipped = np.asarray(r["grad_norm"]) > 1.0 + 1e-3
+                kept = np.asarray(r["grad_norm"]) < 1.0 - 1e-3
+                frac = np.asarray(r["rescaled_fraction"])
+                assert frac.min() >= clipped.mean() - 1e-9
+                assert frac.max() <= 1 - kept.mean() + 1e-9
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper_grpo")
+    record = paper_grpo.main(["--quick", "--quiet", "--out", str(out)])
+    return out, record
+
+
+def test_quick_run_writes_every_output_and_its_analysis_is_its_data(quick):
+    out, _ = quick
+    for name in ("results.json", "summary.md", "paper_grpo_reward.png", "paper_grpo_kl_pg.png"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "results.json") as f:
+        saved = json.load(f)
+    assert saved["quick"] and "not evidence" in (out / "summary.md").read_text()
+    assert list(saved["methods"]) == list(paper_grpo.METHODS)
+    _check_analysis(saved)
+    # --report-from rebuilds the same summary from the record alone
+    again = out / "again"
+    paper_grpo.main(["--report-from", str(out / "results.json"), "--out", str(again), "--quiet"])
+    assert (again / "summary.md").read_text() == (out / "summary.md").read_text()
+
+
+def test_bad_flags_are_refused_with_the_flag_named(capsys):
+    for argv, flag in (
+        (["--methods", "adamw"], "--methods"),
+        (["--steps", "0"], "--steps"),
+        (["--lr", "-1"], "--lr"),
+        (["--seeds", "a"], "--seeds"),
+    ):
+        with pytest.raises(SystemExit):
+            paper_grpo.parse_args(argv)
+        assert flag in capsys.readouterr().err
