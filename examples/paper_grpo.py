@@ -495,6 +495,21 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n)
 
 
+BOOTSTRAP = 2000
+
+
+def problem_bootstrap(a: Sequence[str], b: Sequence[str], num: int = BOOTSTRAP) -> list[float]:
+    """95% percentile interval of the seed-mean accuracy difference ``a - b``, resampling
+    test problems (the same problems for every seed): the test set's sampling error only,
+    not the seeds'."""
+    diff = np.array([[int(x) - int(y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)], float)
+    per_problem = diff.mean(axis=0)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, per_problem.size, size=(num, per_problem.size))
+    means = per_problem[idx].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 def analyse(record: dict[str, Any]) -> dict[str, Any]:
     """The summary's numbers, from ``record["runs"]`` alone."""
     setup = record["setup"]
@@ -536,6 +551,10 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
             out["methods"][m]["diff_vs_global"] = d
             out["methods"][m]["wins_vs_global"] = sum(v > 0 for v in d.values())
             out["methods"][m]["ties_vs_global"] = sum(v == 0 for v in d.values())
+            out["methods"][m]["bootstrap_vs_global"] = problem_bootstrap(
+                [by[(m, s)]["eval"][last] for s in seeds],
+                [by[(ref, s)]["eval"][last] for s in seeds],
+            )
     return out
 
 
@@ -586,11 +605,15 @@ def findings(analysis: dict[str, Any], setup: dict[str, Any]) -> list[str]:
             continue
         d = np.array(list(a["diff_vs_global"].values()))
         size = "within" if abs(d.mean()) <= se else "beyond"
+        lo, hi = a["bootstrap_vs_global"]
+        zero = "includes" if lo <= 0 <= hi else "excludes"
         out.append(
             f"{SHORT[m]} against the global clip: mean paired difference {100 * d.mean():+.1f} "
             f"points (per seed {', '.join(f'{100 * x:+.1f}' for x in d)}), higher on "
             f"{a['wins_vs_global']} of {len(seeds)} seeds; the mean difference is {size} one "
-            f"standard error of a single run's accuracy ({100 * se:.1f} points, n={n})."
+            f"standard error of a single run's accuracy ({100 * se:.1f} points, n={n}), and "
+            f"its 95% interval over resampled test problems, [{100 * lo:+.1f}, {100 * hi:+.1f}], "
+            f"{zero} 0."
         )
     g = analysis["methods"].get("global_clip")
     if g is not None:

@@ -249,6 +249,8 @@ def _check_analysis(record):
             ref = np.array([_acc(runs[("global_clip", s)]["eval"][last]) for s in seeds])
             assert a["wins_vs_global"] == int(np.sum(final > ref))
             np.testing.assert_allclose(list(a["diff_vs_global"].values()), final - ref, atol=1e-12)
+            lo, hi = a["bootstrap_vs_global"]
+            assert lo <= (final - ref).mean() + 1e-12 and (final - ref).mean() <= hi + 1e-12
         # the rescaled fraction: pairs whose factor is further than the tolerance from 1
         frac = np.mean([np.mean(runs[(m, s)]["rescaled_fraction"]) for s in seeds])
         np.testing.assert_allclose(a["rescaled_fraction"], frac, rtol=1e-9, atol=1e-12)
@@ -294,3 +296,10 @@ def test_bad_flags_are_refused_with_the_flag_named(capsys):
         with pytest.raises(SystemExit):
             paper_grpo.parse_args(argv)
         assert flag in capsys.readouterr().err
+
+
+def test_problem_bootstrap_by_hand():
+    # Identical answers: the interval is [0, 0]; a constant +1/3 difference stays +1/3.
+    assert paper_grpo.problem_bootstrap(["0110"], ["0110"]) == [0.0, 0.0]
+    lo, hi = paper_grpo.problem_bootstrap(["111", "111", "111"], ["011", "101", "110"])
+    assert lo == hi == pytest.approx(1 / 3)
