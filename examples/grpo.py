@@ -327,25 +327,28 @@ def make_update(
                 f"rollout batch {n} must split into mini_batches={cfg.mini_batches} whole "
                 f"groups of {group_size}"
             )
-        size = n // cfg.mini_batches
-        clip_state, adam_state = state
-        metrics = []
-        for m in range(cfg.mini_batches):
-            mb = {k: v[m * size : (m + 1) * size] for k, v in batch.items()}
+        # One compiled body for every mini-batch (lax.scan), in order.
+        split = {
+            k: v.reshape(cfg.mini_batches, n // cfg.mini_batches, *v.shape[1:])
+            for k, v in batch.items()
+        }
+
+        def step(carry: Any, mb: dict[str, jax.Array]) -> Any:
+            params, clip_state, adam_state = carry
             (_, (pg, kl, clipfrac)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
             clipped, clip_state = clipper.update(grads, clip_state, params)
             direction, adam_state = adam.update(clipped, adam_state, params)
             params = jax.tree.map(lambda p, u: p - lr * u, params, direction)
-            metrics.append(
-                {
-                    "pg_loss": pg,
-                    "kl": kl,
-                    "clipfrac": clipfrac,
-                    "norms_before": group_norms(grads, ids, num_groups),
-                    "norms_after": group_norms(clipped, ids, num_groups),
-                }
-            )
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
-        return params, (clip_state, adam_state), stacked
+            metrics = {
+                "pg_loss": pg,
+                "kl": kl,
+                "clipfrac": clipfrac,
+                "norms_before": group_norms(grads, ids, num_groups),
+                "norms_after": group_norms(clipped, ids, num_groups),
+            }
+            return (params, clip_state, adam_state), metrics
+
+        (params, clip_state, adam_state), metrics = jax.lax.scan(step, (params, *state), split)
+        return params, (clip_state, adam_state), metrics
 
     return update

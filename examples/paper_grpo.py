@@ -206,7 +206,6 @@ def merge_lora(graphdef: Any, adapters: Any, frozen: Any) -> tuple[Any, Any]:
 
 
 SFT_SEED = 0  # part 1's LoRA-alone SFT run GRPO starts from (the same start for every seed)
-QUICK_SFT = {"train_problems": 64, "test_problems": 16, "steps": 4, "batch_size": 4}
 
 
 def load_policy(args: argparse.Namespace) -> Policy:
@@ -219,8 +218,13 @@ def load_policy(args: argparse.Namespace) -> Policy:
     import paper_base
     import paper_sft
 
-    overrides = dict(QUICK_SFT) if args.quick else {}
-    p = {**paper_sft.PROTOCOL, **overrides}
+    p = dict(paper_sft.PROTOCOL)
+    difficulty = math_task.Difficulty(**p["difficulty"])
+    task = TaskView(math_task, difficulty)
+    if args.quick:  # a smoke test: the base model itself, no SFT (saves its training)
+        graphdef, params = nnx.split(paper_base.load_base(), nnx.Param)
+        identity = {"source": "part 1's base model without SFT (quick: not evidence)"}
+        return Policy(graphdef, params, task, identity | {"base_sha256": paper_base.BASE_SHA256})
     identity: dict[str, Any] = {
         "source": f"part 1's LoRA-alone SFT policy (paper_sft.PROTOCOL, seed {SFT_SEED}), "
         "adapters merged",
@@ -239,8 +243,6 @@ def load_policy(args: argparse.Namespace) -> Policy:
     adapters = jax.tree.map(lambda x: x[0], out["trained"])
     graphdef, params = merge_lora(out["graphdef"], adapters, out["frozen"])
     identity["sft_test_accuracy"] = float(np.mean(out["correct"][0]))
-    difficulty = math_task.Difficulty(**p["difficulty"])
-    task = TaskView(math_task, difficulty)
     return Policy(graphdef, params, task, identity)
 
 
@@ -802,7 +804,7 @@ DEFAULTS = dict(
     eval_every=20,
     test_seed=0,
 )
-QUICK = dict(steps=4, prompts_per_step=2, group_size=4, seeds=(0,), test_problems=32, eval_every=2)
+QUICK = dict(steps=4, prompts_per_step=2, group_size=4, seeds=(0,), test_problems=16, eval_every=2)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -917,6 +919,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": run_records(results, runs),
     }
     record["seconds"] = time.perf_counter() - t0
+    record = json.loads(json.dumps(record))  # analysed as the file holds it
     if args.calibrate is None:
         record["analysis"] = analyse(record)
     with open(os.path.join(args.out, "results.json"), "w") as f:

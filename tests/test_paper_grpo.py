@@ -303,3 +303,24 @@ def test_problem_bootstrap_by_hand():
     assert paper_grpo.problem_bootstrap(["0110"], ["0110"]) == [0.0, 0.0]
     lo, hi = paper_grpo.problem_bootstrap(["111", "111", "111"], ["011", "101", "110"])
     assert lo == hi == pytest.approx(1 / 3)
+
+
+def test_merge_lora_computes_what_the_adapted_model_does(model):
+    lora = nnx.clone(model)
+    rngs = nnx.Rngs(5)
+    for layer in lora.model.layers:
+        for block, names in ((layer.self_attn, ("q_proj", "v_proj")), (layer.mlp, ("up_proj",))):
+            for name in names:
+                base = getattr(block, name)
+                d_in, d_out = base.kernel.shape
+                adapter = nnx.LoRA(d_in, 2, d_out, base_module=base, rngs=rngs)
+                adapter.lora_b[...] = 0.1 * jax.random.normal(jax.random.PRNGKey(7), (2, d_out))
+                setattr(block, name, adapter)
+    tok = jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, 256)
+    want = lora(tok)
+    assert not np.allclose(np.asarray(want), np.asarray(model(tok)), atol=1e-3)  # adapters act
+    graphdef, params = paper_grpo.merge_lora(*nnx.split(lora, nnx.LoRAParam, nnx.Param))
+    assert not any("lora" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    np.testing.assert_allclose(
+        np.asarray(nnx.merge(graphdef, params)(tok)), np.asarray(want), atol=1e-5
+    )
