@@ -543,6 +543,9 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
             "rescaled_fraction": float(
                 np.mean([np.mean(by[(m, s)]["rescaled_fraction"]) for s in seeds])
             ),
+            # at step 1 params == reference: the k3 gradient is 0, and so is the whole
+            # gradient when every group's rewards are uniform (zero advantages)
+            "zero_first_gradient": [s for s in seeds if by[(m, s)]["grad_norm"][0] == 0.0],
         }
     ref = "global_clip"
     if ref in out["methods"]:
@@ -637,6 +640,16 @@ def findings(analysis: dict[str, Any], setup: dict[str, Any]) -> list[str]:
         out.append(
             f"{SHORT[m]} rescaled {100 * a['rescaled_fraction']:.1f}% of its "
             f"(optimizer step, group) pairs."
+        )
+    zero = {m: a["zero_first_gradient"] for m, a in analysis["methods"].items()}
+    if any(zero.values()):
+        out.append(
+            "The first gradient was exactly zero (every rollout group of the first mini-batch "
+            "got uniform rewards, and the KL gradient is zero while the policy equals the "
+            "reference) for seeds "
+            + "; ".join(f"{SHORT[m]}: {v}" for m, v in zero.items() if v)
+            + ". aggc()'s default ema_init='first' then starts each EMA at 0, so its bounds "
+            "stay near 0 for hundreds of steps."
         )
     return out
 
@@ -890,6 +903,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         opener = gzip.open if args.report_from.endswith(".gz") else open
         with opener(args.report_from, "rt") as f:
             record = json.load(f)
+        record["analysis"] = analyse(record)  # derived from the runs, never trusted as stored
         write_reports(record, args.out, args.quiet)
         return record
     setup = setup_from_args(args)

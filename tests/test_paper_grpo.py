@@ -251,6 +251,8 @@ def _check_analysis(record):
             np.testing.assert_allclose(list(a["diff_vs_global"].values()), final - ref, atol=1e-12)
             lo, hi = a["bootstrap_vs_global"]
             assert lo <= (final - ref).mean() + 1e-12 and (final - ref).mean() <= hi + 1e-12
+        zero = [s for s in seeds if runs[(m, s)]["grad_norm"][0] == 0.0]
+        assert a["zero_first_gradient"] == zero
         # the rescaled fraction: pairs whose factor is further than the tolerance from 1
         frac = np.mean([np.mean(runs[(m, s)]["rescaled_fraction"]) for s in seeds])
         np.testing.assert_allclose(a["rescaled_fraction"], frac, rtol=1e-9, atol=1e-12)
