@@ -500,6 +500,15 @@ def standard_error(p: float, n: int) -> float:
 BOOTSTRAP = 2000
 
 
+def kept_median(runs: Sequence[dict[str, Any]]) -> float:
+    """Median over the runs' optimizer steps (with a nonzero gradient) of the fraction of
+    the gradient's global norm left after the clipper."""
+    before = np.concatenate([np.asarray(r["grad_norm"], float) for r in runs])
+    after = np.concatenate([np.asarray(r["clipped_norm"], float) for r in runs])
+    live = before > 0
+    return float(np.median(after[live] / before[live])) if live.any() else float("nan")
+
+
 def problem_bootstrap(a: Sequence[str], b: Sequence[str], num: int = BOOTSTRAP) -> list[float]:
     """95% percentile interval of the seed-mean accuracy difference ``a - b``, resampling
     test problems (the same problems for every seed): the test set's sampling error only,
@@ -546,6 +555,7 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
             # at step 1 params == reference: the k3 gradient is 0, and so is the whole
             # gradient when every group's rewards are uniform (zero advantages)
             "zero_first_gradient": [s for s in seeds if by[(m, s)]["grad_norm"][0] == 0.0],
+            "kept_norm_median": kept_median([by[(m, s)] for s in seeds]),
         }
     ref = "global_clip"
     if ref in out["methods"]:
@@ -648,9 +658,16 @@ def findings(analysis: dict[str, Any], setup: dict[str, Any]) -> list[str]:
             "got uniform rewards, and the KL gradient is zero while the policy equals the "
             "reference) for seeds "
             + "; ".join(f"{SHORT[m]}: {v}" for m, v in zero.items() if v)
-            + ". aggc()'s default ema_init='first' then starts each EMA at 0, so its bounds "
-            "stay near 0 for hundreds of steps."
+            + ". aggc()'s default ema_init='first' then starts each EMA at 0."
         )
+    out.append(
+        "Median fraction of the gradient's norm left after the clipper (optimizer steps with "
+        "a nonzero gradient, all seeds): "
+        + ", ".join(
+            f"{SHORT[m]} {a['kept_norm_median']:.3g}" for m, a in analysis["methods"].items()
+        )
+        + "."
+    )
     return out
 
 

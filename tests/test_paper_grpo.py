@@ -253,6 +253,9 @@ def _check_analysis(record):
             assert lo <= (final - ref).mean() + 1e-12 and (final - ref).mean() <= hi + 1e-12
         zero = [s for s in seeds if runs[(m, s)]["grad_norm"][0] == 0.0]
         assert a["zero_first_gradient"] == zero
+        b = np.concatenate([runs[(m, s)]["grad_norm"] for s in seeds])
+        c = np.concatenate([runs[(m, s)]["clipped_norm"] for s in seeds])
+        np.testing.assert_allclose(a["kept_norm_median"], np.median(c[b > 0] / b[b > 0]))
         # the rescaled fraction: pairs whose factor is further than the tolerance from 1
         frac = np.mean([np.mean(runs[(m, s)]["rescaled_fraction"]) for s in seeds])
         np.testing.assert_allclose(a["rescaled_fraction"], frac, rtol=1e-9, atol=1e-12)
