@@ -882,6 +882,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds must be distinct, got {args.seeds}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if args.lr is not None and not args.lr > 0:
