@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +45,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_lm import group_norms
 
 NEG_INF = -1e9  # the masked-logit value train_lm's attention uses: same softmax
 RATIO_LOG_CLAMP = 20.0  # verl clamps log-ratios to [-20, 20] before exp
@@ -255,17 +260,6 @@ def low_var_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 # One rollout batch -> mini-batch optimizer steps.
 # ---------------------------------------------------------------------------
-
-
-def group_norms(tree: Any, ids: Sequence[int], num_groups: int) -> jax.Array:
-    """Euclidean norm of each group's gradient (``ids``: per leaf, its group or -1)."""
-    squares, which = [], []
-    for leaf, gid in zip(jax.tree_util.tree_leaves(tree), ids):
-        if gid >= 0:
-            squares.append(jnp.sum(jnp.square(leaf.astype(jnp.float32))))
-            which.append(gid)
-    sums = jax.ops.segment_sum(jnp.stack(squares), jnp.asarray(which), num_segments=num_groups)
-    return jnp.sqrt(sums)
 
 
 def adamw_direction(b1: float, b2: float, eps: float, weight_decay: float) -> Any:

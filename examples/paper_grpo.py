@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import gzip
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -56,6 +55,7 @@ from aggc_optax import presets
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grpo
 from progress import Progress
+from stability import _AGGC_DEFAULTS, _floats, _ints
 from train_lm import centered_mean, group_factors, group_ids
 
 # ---------------------------------------------------------------------------
@@ -63,12 +63,6 @@ from train_lm import centered_mean, group_factors, group_ids
 # ---------------------------------------------------------------------------
 
 Builder = Callable[[int], optax.GradientTransformation]
-
-_AGGC_DEFAULTS = {
-    k: v.default
-    for k, v in inspect.signature(aggc_optax.aggc).parameters.items()
-    if v.default is not inspect.Parameter.empty
-}
 
 METHODS: dict[str, tuple[str, Builder]] = {
     "global_clip": (
@@ -706,6 +700,16 @@ def _curves(record: dict[str, Any], key: str) -> dict[str, np.ndarray]:
     return {m: np.asarray(v, float) for m, v in out.items()}
 
 
+def _save(fig: Any, out: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(record: dict[str, Any], out: str) -> list[str]:
     import matplotlib
 
@@ -755,11 +759,7 @@ def plot_curves(record: dict[str, Any], out: str) -> list[str]:
         ylabel="test accuracy % (greedy)",
         title=f"Held-out accuracy (n={record['analysis']['n_test']} problems)",
     )
-    fig.tight_layout()
-    path = os.path.join(out, "paper_grpo_reward.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out, "paper_grpo_reward.png"))
 
     # Figure 4 form: KL to the reference and the policy-gradient loss.
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -779,38 +779,13 @@ def plot_curves(record: dict[str, Any], out: str) -> list[str]:
         title=f"PG loss (centred mean of {w2} steps)",
     )
     ax1.legend()
-    fig.tight_layout()
-    path = os.path.join(out, "paper_grpo_kl_pg.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out, "paper_grpo_kl_pg.png"))
     return written
 
 
 # ---------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
 
 
 # The protocol (fixed before any clipper ran; see docs/paper-miniature-grpo.md).
