@@ -398,7 +398,8 @@ def train(
             state[m]["eval"][step] = runner.test_accuracy(state[m]["params"])
 
     # Every run starts from the same weights: the start is scored once.
-    start = runner.test_accuracy(state[methods[0]]["params"])
+    first = jax.tree.map(lambda x: x[:1], state[methods[0]]["params"])
+    start = np.repeat(runner.test_accuracy(first), len(runs), axis=0)
     for m in methods:
         state[m]["eval"][0] = start
     for step in range(setup.steps):
