@@ -666,6 +666,33 @@ def findings(analysis: dict[str, Any], setup: dict[str, Any]) -> list[str]:
     return out
 
 
+def results_md(record: dict[str, Any], img: str = "img") -> str:
+    """The Results section of ``docs/paper-miniature-grpo.md``: table, figures, findings."""
+    setup, analysis = record["setup"], record["analysis"]
+    n_runs, opt_steps = len(setup["seeds"]), setup["steps"] * setup["mini_batches"]
+    return "\n".join(
+        [
+            f"Test accuracy after {setup['steps']} rollout steps ({opt_steps} "
+            f"optimizer steps), greedy decoding on {analysis['n_test']} held-out problems, "
+            f"{n_runs} seeds; beside the paper's Table 5 (Qwen2.5-1.5B Instruct):",
+            "",
+            table_md(analysis, setup),
+            f"![Training reward and test accuracy]({img}/paper_grpo_reward.png)",
+            "",
+            "Left: mean reward of the sampled completions per rollout step (the paper's "
+            "Figure 5); right: test accuracy at the evaluation steps. Thin lines: single seeds.",
+            "",
+            f"![KL and policy loss]({img}/paper_grpo_kl_pg.png)",
+            "",
+            "The paper's Figure 4: the k3 KL estimate to the reference (SFT) policy and the "
+            "clipped-ratio policy loss, per optimizer step.",
+            "",
+            *[f"- {x}" for x in findings(analysis, setup)],
+            "",
+        ]
+    )
+
+
 def summary_md(record: dict[str, Any]) -> str:
     setup, analysis = record["setup"], record["analysis"]
     lines = [
