@@ -9,6 +9,7 @@ the full study feeds the checks of every table and sentence of
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import math
@@ -329,3 +330,48 @@ def test_merge_lora_computes_what_the_adapted_model_does(model):
     np.testing.assert_allclose(
         np.asarray(nnx.merge(graphdef, params)(tok)), np.asarray(want), atol=1e-5
     )
+
+
+@pytest.fixture(scope="module")
+def vendored():
+    with gzip.open(RECORD, "rt") as f:
+        record = json.load(f)
+    record["analysis"] = paper_grpo.analyse(record)
+    return record
+
+
+def test_vendored_record_is_the_full_protocol(vendored):
+    setup = vendored["setup"]
+    assert not vendored["quick"] and not vendored["calibration"]
+    assert len(setup["seeds"]) >= 3 and list(vendored["methods"]) == list(paper_grpo.METHODS)
+    defaults = {k: v for k, v in paper_grpo.DEFAULTS.items() if v is not None}
+    defaults["seeds"] = list(defaults["seeds"])
+    assert {k: setup[k] for k in defaults} == defaults
+    # the rate: part 1's SFT rate x the paper's GRPO/SFT ratio
+    np.testing.assert_allclose(setup["lr"], vendored["policy"]["sft_protocol"]["lr"] * 1e-6 / 2e-5)
+    _check_analysis(vendored)
+
+
+def test_my_decoder_scores_the_start_as_part_1s_decoder_does(vendored):
+    # The same SFT weights, the same 300 test problems, two independent greedy decoders.
+    first = vendored["runs"][0]
+    assert vendored["policy"]["sft_test_accuracy"] == pytest.approx(_acc(first["eval"]["0"]))
+
+
+def test_doc_shows_the_records_tables_and_findings(vendored):
+    with open(DOC) as f:
+        doc = f.read()
+    assert paper_grpo.results_md(vendored) in doc
+    setup = vendored["setup"]
+    # the scaled-down table states the record's protocol
+    for text in (
+        f"constant rate {setup['lr']:g}",
+        f"{setup['prompts_per_step']} prompts per step, G = {setup['group_size']}",
+        f"at most {setup['max_new']} bytes",
+        f"{setup['steps']} rollout steps, {setup['steps'] * setup['mini_batches']} optimizer",
+        f"part 1's {setup['test_problems']} test problems",
+        f"{len(setup['seeds'])} seeds",
+    ):
+        assert text in doc, text
+    for name in ("paper_grpo_reward.png", "paper_grpo_kl_pg.png"):
+        assert os.path.getsize(os.path.join(ROOT, "docs", "img", name)) > 0
