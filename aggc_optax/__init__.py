@@ -2,28 +2,43 @@
 
 Li, Wu, Chang, "AGGC: Adaptive Group Gradient Clipping for Stabilizing Large
 Language Model Training", Findings of ACL 2026 (arXiv 2601.11864).
+
+The public API is re-exported here; the layout (``docs/architecture.md``):
+``_aggc`` (the transformation), ``_numerics``, ``_config``, ``_state`` (the
+core), ``labels/``, ``monitoring/``, ``presets``, ``reference/`` (the authors'
+clipper reproduced: the only place a quirk is set), ``torch/`` (the only place
+torch is imported), ``cli``.
 """
 
 from aggc_optax import presets
 from aggc_optax._aggc import AGGCState, GroupLabels, aggc, check_state
-from aggc_optax._hf_callback import LoraCallbackAsRanState, lora_callback_as_ran
-from aggc_optax._labels import (
+from aggc_optax._schedule import cosine_ramp, linear_bounds_schedule
+from aggc_optax.labels import (
     REFERENCE_TOKENS,
+    ScaleOnly,
     TreeLabeler,
     describe_groups,
     lora_label,
+    module_labels,
     path_name,
     reference_label,
     regex_labeler,
     tree_labeler,
 )
-from aggc_optax._metrics import metrics
-from aggc_optax._module_labels import module_labels
-from aggc_optax._reference_options import REFERENCE_DEFAULTS, from_reference_options
-from aggc_optax._scale_only import ScaleOnly
-from aggc_optax._schedule import cosine_ramp, linear_bounds_schedule
-from aggc_optax._stats import find_aggc_states, group_stats
-from aggc_optax.csv_log import CSVLogger, read_clip_csv, stats_rows
+from aggc_optax.monitoring import (
+    CSVLogger,
+    find_aggc_states,
+    group_stats,
+    metrics,
+    read_clip_csv,
+    stats_rows,
+)
+from aggc_optax.reference import (
+    REFERENCE_DEFAULTS,
+    LoraCallbackAsRanState,
+    from_reference_options,
+    lora_callback_as_ran,
+)
 
 __version__ = "0.1.0"
 

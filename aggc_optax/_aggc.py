@@ -1,137 +1,256 @@
-"""Adaptive Group Gradient Clipping as an optax gradient transformation."""
+"""Adaptive Group Gradient Clipping as an optax gradient transformation.
+
+One step, for every group at once (``docs/reference-behaviour.md`` §3-§4):
+
+1. place: each leaf's group, from its path (:mod:`aggc_optax.labels`);
+2. norms: each group's gradient norm (:func:`_numerics.group_norms`);
+3. bounds: ``[lower, upper]`` from the group's EMA and this step's multipliers;
+4. scale: the factor that brings a norm outside the bounds back to the nearest one;
+5. EMA: fed the clipped norm (or, ``variant="paper"``, the raw one);
+6. rescale: every leaf times its group's factor (:func:`_numerics.rescale`).
+
+The authors' clipper differs from :func:`aggc` in a few places; each is a field
+of :class:`~aggc_optax._config.Quirks`, read here, set only by ``aggc_optax.reference``.
+"""
 
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from aggc_optax import _config, _labels, _validation
+from aggc_optax import _config, _numerics, _state, labels
 from aggc_optax._config import Config, Hyper
-from aggc_optax._labels import ParamLabels, Placement
+from aggc_optax._numerics import EPS, python_max, python_min, saturating_add
+from aggc_optax._state import AGGCState, GroupLabels, check_state
+from aggc_optax.labels import ParamLabels, Placement
 
-EPS = 1e-12  # the reference's branch and division epsilon
-NORM_FLOOR = 1e-16  # added to the sum of squares: an all-zero group has norm 1e-8
+__all__ = ["AGGCState", "GroupLabels", "aggc", "build", "check_state"]
 
 
-class GroupLabels(tuple):
-    """The group labels of an :class:`AGGCState`, in group order: a tuple of str.
+class _Ema(NamedTuple):
+    """A group's EMA as the state keeps it: value, rounding error, number of updates."""
 
-    A static pytree node (no arrays), so ``jax.jit`` treats it as part of the
-    state's structure and Orbax stores nothing for it; ``flax.serialization``
-    writes it as ``{"0": label, ...}`` and checks it on restore.
+    value: jax.Array
+    residual: jax.Array
+    updates: jax.Array
+
+
+# ------------------------------------------------------------------ the step
+
+
+def build(config: Config) -> optax.GradientTransformationExtraArgs:
+    """The transformation for a checked :class:`Config` (``aggc()`` or the reference layer's)."""
+    per_layout: dict[tuple[str, ...], Hyper] = {}  # labels -> one value per group, per field
+
+    def hyper_for(group_labels: tuple[str, ...]) -> Hyper:
+        if group_labels not in per_layout:
+            per_layout[group_labels] = _config.resolve(config, group_labels)
+        return per_layout[group_labels]
+
+    def init_fn(params: optax.Params) -> AGGCState:
+        group_labels = _init_labels(config, params)
+        hyper_for(group_labels)
+        return _state.init_state(group_labels)
+
+    def update_fn(
+        updates: optax.Updates, state: AGGCState, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, AGGCState]:
+        del params, extra
+        if not isinstance(state, AGGCState):
+            raise _state.not_an_aggc_state(state)
+        # 1. place
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        placement = labels.place(updates, config.param_labels)  # as optax.partition does
+        labels.check_placement(placement, leaves, state.labels)
+        leaves = [labels.as_array(x) if g >= 0 else x for x, g in zip(leaves, placement.groups)]
+        count = optax.safe_increment(state.count)
+        in_order = _state.in_order(state)
+        if not state.labels:
+            return updates, state._replace(count=count)
+        # 2. norms
+        norm = _numerics.group_norms(
+            placement,
+            leaves,
+            _numerics.across_devices(config.axis_name, mean=config.quirks.mean_over_devices),
+            rescue=not config.quirks.nonfinite_as_is,
+        )
+        # 3.-5. bounds, scale, EMA
+        hp, one_minus_beta = _hyper_at(hyper_for(tuple(state.labels)), state.count, norm.dtype)
+        new_state = _group_step(config, hp, one_minus_beta, norm, state, in_order)._replace(
+            count=count
+        )
+        # 6. rescale
+        clipped = _numerics.rescale(placement, leaves, new_state.scale)
+        return treedef.unflatten(clipped), new_state  # type: ignore[attr-defined]  # jax's stub lacks PyTreeDef methods
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _group_step(
+    config: Config,
+    hp: Hyper,
+    one_minus_beta: jax.Array,
+    norm: jax.Array,
+    state: AGGCState,
+    in_order: bool | jax.Array,
+) -> AGGCState:
+    """Steps 3-5 for every group at once: the state after this step (``count`` unchanged).
+
+    ``in_order``: whether the state's arrays are in its labels' order (False:
+    every group is skipped; see :func:`check_state`).
     """
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return f"GroupLabels({tuple(self)!r})"
-
-
-jax.tree_util.register_static(GroupLabels)
-
-
-class AGGCState(NamedTuple):
-    """State of :func:`aggc`: per-group vectors of shape ``[num_groups]``.
-
-    Attributes:
-      count: number of updates so far (the 0-based step of the next update).
-      ema: each group's EMA of its (post-clip, by default) gradient norm.
-      ema_residual: the rounding error of ``ema`` (the EMA is ``ema + ema_residual``
-        to twice the state's precision), so a float32 EMA does not stall.
-      norm: each group's pre-clip norm at the last step.
-      lower: each group's lower bound at the last step (0 where nothing is raised).
-      upper: each group's upper bound at the last step.
-      scale: the factor each group's gradients were multiplied by at the last step.
-      ema_count: how many updates each group's EMA has received (steps skipped
-        for a non-finite norm do not count).
-      clip_down_count: how many steps each group was clipped down, in total.
-      raise_count: how many steps each group was raised, in total.
-      label_digest: the CRC-32 of each group's label (int32), in the order of the
-        arrays: what a checkpoint stores of the labels, so that a restore into a
-        target whose groups come in another order is detected (see
-        :func:`check_state`).
-      labels: the group labels, in group order (static, no arrays).
-    """
-
-    count: jax.Array  # type: ignore[assignment]  # NamedTuple field named like tuple.count
-    ema: jax.Array
-    ema_residual: jax.Array
-    norm: jax.Array
-    lower: jax.Array
-    upper: jax.Array
-    scale: jax.Array
-    ema_count: jax.Array
-    clip_down_count: jax.Array
-    raise_count: jax.Array
-    label_digest: jax.Array
-    labels: GroupLabels
-
-
-def _python_max(a: jax.Array, b: jax.Array) -> jax.Array:
-    # Python's max(a, b) keeps a unless b > a, so max(0.0, nan) is 0.0; the
-    # reference relies on this for non-finite EMAs (docs/reference-behaviour.md §8).
-    return jnp.where(b > a, b, a)
-
-
-def _python_min(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.where(b < a, b, a)
-
-
-def _stats_dtype() -> Any:
-    # float64 when jax_enable_x64 is on: the reference does its scalar math in
-    # Python floats, so that is the closest match; float32 otherwise.
-    return jnp.result_type(float)
-
-
-def _compute_dtype(dtype: Any) -> Any:
-    # Per-tensor sums and the rescale run in float32 for half-precision leaves
-    # (as torch does), in the leaf's own dtype for float32 and float64. float8
-    # types have no implicit promotion: they are computed in float32 too.
-    if jnp.finfo(dtype).bits < 32:
-        return jnp.dtype(jnp.float32)
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _leaf_dtype(name: str, leaf: Any) -> Any:
-    """The dtype of a leaf, or a TypeError naming it when it is not an array or a number."""
-    if not isinstance(leaf, (str, bytes)):
-        try:
-            return jnp.result_type(leaf)
-        except TypeError:
-            pass
-    raise TypeError(
-        f"aggc: leaf {name!r} is {leaf!r} ({type(leaf).__name__}), not an array or a number; "
-        "give it the label None to pass it through, or keep it out of the tree"
+    taken, restart = _taken(config, hp, one_minus_beta, norm, state, in_order)
+    ema = _start(config, _Ema(state.ema, state.ema_residual, state.ema_count), norm, taken)
+    # 3. bounds
+    stat, paper_ema = _bound_statistic(config, hp, one_minus_beta, norm, ema, taken)
+    lower, upper = _bounds(config, hp, stat, norm.shape)
+    # 4. scale
+    scale, down, raised = _scale(hp, norm, lower, upper, taken)
+    # 5. EMA
+    fed = paper_ema if paper_ema is not None else _fed(hp, one_minus_beta, ema, norm * scale, taken)
+    value, residual, ema_count = _restarted(fed, ema.updates, taken, restart)
+    return state._replace(
+        ema=value,
+        ema_residual=residual,
+        norm=norm,
+        lower=lower,
+        upper=upper,
+        scale=scale,
+        ema_count=ema_count,
+        clip_down_count=saturating_add(state.clip_down_count, down.astype(jnp.int32)),
+        raise_count=saturating_add(state.raise_count, raised.astype(jnp.int32)),
     )
 
 
-def _as_array(leaf: Any) -> Any:
-    # a Python or NumPy scalar leaf (eager use) becomes an array; arrays and tracers stay
-    return leaf if hasattr(leaf, "astype") and hasattr(leaf, "dtype") else jnp.asarray(leaf)
+def _taken(
+    config: Config,
+    hp: Hyper,
+    one_minus_beta: jax.Array,
+    norm: jax.Array,
+    state: AGGCState,
+    in_order: bool | jax.Array,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Which groups this step acts on, and which restart their EMA (None: none can).
+
+    aggc()'s policy: a step with a non-finite norm, or with a hyperparameter
+    out of its range at run time (injected or from a schedule), is skipped for
+    that group (its gradients pass through, its EMA is kept). A non-finite EMA
+    (e.g. from a restore) is detected: that step is skipped too and the group's
+    EMA is reset, so the next step starts it over as if never updated.
+    """
+    if config.quirks.nonfinite_as_is:
+        return jnp.broadcast_to(jnp.asarray(in_order), norm.shape), None
+    restart = ~(jnp.isfinite(state.ema) & jnp.isfinite(state.ema_residual))
+    taken = jnp.isfinite(norm) & _hyper_ok(config, hp, one_minus_beta) & ~restart
+    if in_order is not True:
+        taken = taken & in_order
+    return taken, restart
 
 
-_INT32_MAX = int(np.iinfo(np.int32).max)
+def _start(config: Config, ema: _Ema, norm: jax.Array, taken: jax.Array) -> _Ema:
+    """``ema_init="first"``: a group's first taken step starts its EMA at its norm."""
+    if config.ema_init != "first":
+        return ema
+    first = (ema.updates == 0) & taken
+    return ema._replace(
+        value=jnp.where(first, norm, ema.value), residual=jnp.where(first, 0.0, ema.residual)
+    )
 
 
-def _saturating_add(counter: jax.Array, increment: jax.Array) -> jax.Array:
-    """``counter + increment`` that stays at int32's maximum instead of wrapping negative."""
-    return jnp.where(counter >= _INT32_MAX - increment, _INT32_MAX, counter + increment)
+def _bound_statistic(
+    config: Config,
+    hp: Hyper,
+    one_minus_beta: jax.Array,
+    norm: jax.Array,
+    ema: _Ema,
+    taken: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """The EMA the bounds scale (bias-corrected if asked), and the paper variant's new EMA.
+
+    ``variant="paper"`` (eq. 2-4): the EMA of raw norms, including this step,
+    sets the bounds, so the EMA is stepped here; the reference steps it after
+    the clip (:func:`_fed`).
+    """
+    stat, updates_in_stat, stepped = ema.value, ema.updates, None
+    if config.variant == "paper":
+        stepped = _fed(hp, one_minus_beta, ema, norm, taken)
+        stat, updates_in_stat = stepped[0], ema.updates + taken
+    if config.ema_init == "bias_corrected":
+        correction = 1 - hp.ema_beta ** updates_in_stat.astype(norm.dtype)
+        corrected = stat / jnp.where(correction > 0, correction, 1)
+        stat = jnp.where(updates_in_stat > 0, corrected, stat)
+    return stat, stepped
 
 
-def _check_leaf_dtype(name: str, leaf: Any) -> None:
-    dtype = _leaf_dtype(name, leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"aggc: leaf {name!r} has a group label but dtype {dtype}; only floating-point "
-            "gradients can be clipped (give it the label None to pass it through)"
-        )
+def _bounds(
+    config: Config, hp: Hyper, stat: jax.Array, shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """``[max(min_norm, low_mult * S), max(0, high_mult * S)]``; fixed without ``auto_bounds``.
+
+    Python's ``max`` (:func:`_numerics.python_max`): a NaN statistic gives the
+    other operand, as the reference computes its bounds in Python floats.
+    """
+    if config.auto_bounds:
+        lower = python_max(hp.min_norm, stat * hp.low_mult)
+        upper = python_max(jnp.zeros_like(stat), stat * hp.high_mult)
+    else:
+        lower, upper = hp.min_norm, hp.max_norm
+    return jnp.broadcast_to(lower, shape), jnp.broadcast_to(upper, shape)
+
+
+def _scale(
+    hp: Hyper, norm: jax.Array, lower: jax.Array, upper: jax.Array, taken: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """docs/reference-behaviour.md §4 step 2: ``(scale, clipped down, raised)`` per group."""
+    down = (upper > 0) & (norm > upper + EPS)
+    raised = hp.raise_small & (lower > 0) & (norm < lower - EPS) & ~down
+    down_scale = upper / (norm + EPS)
+    floor = hp.max_down_scale
+    down_scale = jnp.where(floor > 0, python_max(down_scale, floor), down_scale)
+    up_scale = lower / (norm + EPS)
+    up_scale = jnp.where(hp.max_up_scale > 0, python_min(up_scale, hp.max_up_scale), up_scale)
+    down, raised = down & taken, raised & taken
+    scale = jnp.where(down, down_scale, jnp.where(raised, up_scale, jnp.ones_like(norm)))
+    return scale, down, raised
+
+
+def _fed(
+    hp: Hyper, one_minus_beta: jax.Array, ema: _Ema, x: jax.Array, taken: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The EMA (value, residual) fed ``x`` where the step is taken; kept elsewhere.
+
+    The reference feeds it the intended post-clip norm ``norm * scale``.
+    """
+    new = _numerics.ema_step(ema.value, ema.residual, hp.ema_beta, one_minus_beta, x)
+    return jnp.where(taken, new[0], ema.value), jnp.where(taken, new[1], ema.residual)
+
+
+def _restarted(
+    fed: tuple[jax.Array, jax.Array],
+    count: jax.Array,
+    taken: jax.Array,
+    restart: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The EMA after the step, with the groups whose EMA was not finite reset to zero.
+
+    The reset is applied to the outputs only: selecting on the inputs of the
+    EMA's TwoSum changes how XLA fuses it, and its bits.
+    """
+    value, residual = fed
+    count = saturating_add(count, taken.astype(count.dtype))
+    if restart is None:
+        return value, residual, count
+    value = jnp.where(restart, jnp.zeros_like(value), value)
+    residual = jnp.where(restart, jnp.zeros_like(residual), residual)
+    return value, residual, jnp.where(restart, 0, count)
+
+
+# ------------------------------------------------------------ hyperparameters
 
 
 def _at_step(
@@ -152,129 +271,17 @@ def _at_step(
     return jnp.stack([jnp.asarray(evaluate(v), dtype) for v in values])
 
 
-def _hyper_at(per_group: Hyper, count: jax.Array, dtype: Any) -> Hyper:
-    """Every hyperparameter as an array (scalar or ``[G]``) at step ``count``."""
-    return Hyper(
+def _hyper_at(per_group: Hyper, count: jax.Array, dtype: Any) -> tuple[Hyper, jax.Array]:
+    """Every hyperparameter as an array (scalar or ``[G]``) at step ``count``, and ``1 - beta``."""
+    hp = Hyper(
         **{
             field: _at_step(values, count, bool if field == "raise_small" else dtype, None)
             for field, values in per_group._asdict().items()
         }
     )
-
-
-def _ema_step(
-    ema: jax.Array,
-    residual: jax.Array,
-    beta: jax.Array,
-    one_minus_beta: jax.Array,
-    x: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """``beta * ema + (1 - beta) * x`` on the unevaluated sum ``ema + residual``.
-
-    A float32 EMA stalls once its increment drops below half an ulp: at
-    ``beta = 0.999`` it can stay ``2**-24 / (1 - beta)``, about 6e-5 relative,
-    away from the float64 recurrence of the reference. Carrying the rounding
-    error of each update in ``residual`` (an exact TwoSum) keeps the EMA within
-    float32 rounding of it. Non-finite values take the plain formula, so NaN and
-    inf propagate exactly as in the reference (docs/reference-behaviour.md §8).
-    """
-    plain = beta * ema + one_minus_beta * x
-    delta = one_minus_beta * (x - ema) + beta * residual
-    total = ema + delta
-    delta_part = total - ema
-    error = (ema - (total - delta_part)) + (delta - delta_part)
-    compensated = jnp.isfinite(plain) & jnp.isfinite(total) & jnp.isfinite(error)
-    return jnp.where(compensated, total, plain), jnp.where(compensated, error, 0.0)
-
-
-class GroupStep(NamedTuple):
-    """What one step decides per group (every field ``[G]``)."""
-
-    scale: jax.Array
-    lower: jax.Array
-    upper: jax.Array
-    ema: jax.Array
-    ema_residual: jax.Array
-    ema_count: jax.Array
-    down: jax.Array
-    raised: jax.Array
-
-
-def _branches(
-    hp: Hyper, norm: jax.Array, lower: jax.Array, upper: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """docs/reference-behaviour.md §4 step 2: ``(down_scale, up_scale, down, raised)``."""
-    down = (upper > 0) & (norm > upper + EPS)
-    raised = hp.raise_small & (lower > 0) & (norm < lower - EPS) & ~down
-    down_scale = upper / (norm + EPS)
-    floor = hp.max_down_scale
-    down_scale = jnp.where(floor > 0, _python_max(down_scale, floor), down_scale)
-    up_scale = lower / (norm + EPS)
-    up_scale = jnp.where(hp.max_up_scale > 0, _python_min(up_scale, hp.max_up_scale), up_scale)
-    return down_scale, up_scale, down, raised
-
-
-def _group_step(
-    config: Config,
-    hp: Hyper,
-    one_minus_beta: jax.Array,
-    norm: jax.Array,
-    state: AGGCState,
-    in_order: bool | jax.Array = True,
-) -> GroupStep:
-    """The per-group scalar math of docs/reference-behaviour.md §4, vectorised over groups.
-
-    ``in_order``: whether the state's arrays are in its labels' order (False:
-    every group is skipped, under either policy; see :func:`check_state`).
-    """
-    ema, residual, ema_count = state.ema, state.ema_residual, state.ema_count
-    if config.nonfinite == "reference":
-        taken = jnp.broadcast_to(jnp.asarray(in_order), norm.shape)
-    else:
-        # The safe policy: a step with a non-finite norm, or with a hyperparameter
-        # out of its range at run time (injected or from a schedule), is skipped for
-        # that group (its gradients pass through, its EMA is kept). A non-finite
-        # EMA (e.g. from a restore) is detected: that step is skipped too and the
-        # group's EMA is reset, so the next step starts it over as if never
-        # updated. The reset is applied to the outputs only: selecting on the
-        # inputs of the EMA's TwoSum changes how XLA fuses it, and its bits.
-        restart = ~(jnp.isfinite(ema) & jnp.isfinite(residual))
-        taken = jnp.isfinite(norm) & _hyper_ok(config, hp, one_minus_beta) & ~restart
-        if in_order is not True:
-            taken = taken & in_order
-    if config.ema_init == "first":
-        first = (ema_count == 0) & taken
-        ema, residual = jnp.where(first, norm, ema), jnp.where(first, 0.0, residual)
-    stat, updates_in_stat = ema, ema_count
-    if config.variant == "paper":
-        # Paper eq. 2-4: the EMA of raw norms, including this step, sets the bounds.
-        stepped = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm)
-        stepped = tuple(jnp.where(taken, new, old) for new, old in zip(stepped, (ema, residual)))  # type: ignore[assignment]  # two arrays in, two out
-        stat, updates_in_stat = stepped[0], ema_count + taken
-    if config.ema_init == "bias_corrected":
-        correction = 1 - hp.ema_beta ** updates_in_stat.astype(norm.dtype)
-        corrected = stat / jnp.where(correction > 0, correction, 1)
-        stat = jnp.where(updates_in_stat > 0, corrected, stat)
-
-    if config.auto_bounds:
-        lower = _python_max(hp.min_norm, stat * hp.low_mult)
-        upper = _python_max(jnp.zeros_like(stat), stat * hp.high_mult)
-    else:
-        lower, upper = hp.min_norm, hp.max_norm
-    lower, upper = jnp.broadcast_to(lower, norm.shape), jnp.broadcast_to(upper, norm.shape)
-    down_scale, up_scale, down, raised = _branches(hp, norm, lower, upper)
-    down, raised = down & taken, raised & taken
-    scale = jnp.where(down, down_scale, jnp.where(raised, up_scale, jnp.ones_like(norm)))
-
-    if config.variant != "paper":
-        # The reference feeds the EMA the intended post-clip norm.
-        fed = _ema_step(ema, residual, hp.ema_beta, one_minus_beta, norm * scale)
-        stepped = tuple(jnp.where(taken, new, old) for new, old in zip(fed, (ema, residual)))  # type: ignore[assignment]  # two arrays in, two out
-    ema_count = _saturating_add(ema_count, taken.astype(state.ema_count.dtype))
-    if config.nonfinite != "reference":
-        stepped = tuple(jnp.where(restart, jnp.zeros_like(x), x) for x in stepped)  # type: ignore[assignment]  # two arrays in, two out
-        ema_count = jnp.where(restart, 0, ema_count)
-    return GroupStep(scale, lower, upper, *stepped, ema_count, down, raised)
+    # 1 - beta from the Python float: rounding beta = 0.999 to float32 first
+    # would put a 1.3e-5 relative error into every EMA update.
+    return hp, _at_step(per_group.ema_beta, count, dtype, lambda b: 1 - b)
 
 
 def _hyper_ok(config: Config, hp: Hyper, one_minus_beta: jax.Array) -> jax.Array:
@@ -292,217 +299,29 @@ def _hyper_ok(config: Config, hp: Hyper, one_minus_beta: jax.Array) -> jax.Array
     for x in (hp.low_mult, hp.high_mult, hp.min_norm, hp.max_norm):
         ok = ok & finite_nonneg(x)
     ok = ok & finite_nonneg(hp.max_up_scale) & finite_nonneg(hp.max_down_scale)
-    if config.strict_caps:
+    if not config.quirks.any_cap:
         # aggc()'s caps: 0 (off), an upward ceiling >= 1, a downward floor in (0, 1)
         # (a floor of 1 would count clips that change nothing)
         ok = ok & ((hp.max_up_scale == 0) | (hp.max_up_scale >= 1)) & (hp.max_down_scale < 1)
     return ok
 
 
-def _per_group_scalars(values: jax.Array) -> list[jax.Array]:
-    """``values[g]`` for every group ``g``, each as a scalar of its own.
-
-    A plain ``values[g]`` is a static slice, which XLA fuses into every
-    consumer: each leaf's update kernel would then embed its group's index, so
-    leaves of one shape would need one compiled kernel per group (XLA compiles
-    one kernel per distinct fused computation) and compile time would grow with
-    the number of groups, to 4x a global-norm clip's with one group per leaf.
-    The max of a pair of neighbours with the other one masked to ``-inf`` is
-    exact (``max(v, -inf) == v``, NaN and inf included) and, being a
-    reduction, is not fused into an elementwise consumer: leaves of one shape
-    share one kernel whatever their group, as under a global-norm clip, and the
-    extraction costs one tiny kernel per group.
-    """
-    num_groups = values.shape[0]
-    if num_groups == 1:
-        return [values[0]]
-    out = []
-    for g in range(num_groups):
-        start = min(g, num_groups - 2)
-        pair = values[start : start + 2]
-        out.append(jnp.max(jnp.where(jnp.arange(2) == g - start, pair, -jnp.inf)))
-    return out
+# ------------------------------------------------------------------- at init
 
 
-def _group_norms(config: Config, placement: Placement, leaves: list[Any]) -> jax.Array:
-    """Each group's norm, ``[G]``, from the leaves its norm counts.
-
-    Overflow-safe for finite input: a group whose plain sum of squares
-    overflowed (every entry finite, a float32 norm above about 1.8e19) gets
-    ``2**k * sqrt(sum((g * 2**-k)**2))`` instead (:func:`_rescued_norms`,
-    exact power-of-two arithmetic), computed under ``jax.lax.cond`` only on a
-    step where some group's sum is not finite: a normal step pays one scalar
-    test and keeps its bits. A NaN or inf entry makes both sums non-finite, so
-    the group's norm stays non-finite and the NaN policy applies.
-    """
-    dtype = _stats_dtype()
-    # Each group's sum of squares is a chain of scalar adds in leaf order, as
-    # the reference accumulates its per-tensor sums in Python floats; no
-    # [leaves] buffer and no scatter-add (a serial loop on CPU, atomics in
-    # no fixed order on GPU).
-    sums: list[jax.Array | None] = [None] * len(placement.labels)
-    for group, counted, leaf in zip(placement.groups, placement.counted, leaves):
-        if counted:
-            square = jnp.sum(jnp.square(leaf.astype(_compute_dtype(leaf.dtype)))).astype(dtype)
-            sums[group] = square if sums[group] is None else sums[group] + square  # type: ignore[operator]  # not None on this branch
-    total = jnp.stack([jnp.zeros((), dtype) if s is None else s for s in sums])
-    if config.axis_name is not None:
-        total = _axis_reduce(config, total)
-    norm = jnp.sqrt(total + NORM_FLOOR)
-    if config.nonfinite == "reference":
-        # the reference's float32 sums overflow to inf (docs/reference-behaviour.md §8)
-        return norm
-    counted_leaves = [leaf for leaf, c in zip(leaves, placement.counted) if c]
-    rescued = jax.lax.cond(
-        jnp.any(~jnp.isfinite(total)),
-        lambda xs: _rescued_norms(config, placement, xs),
-        lambda xs: jnp.full(norm.shape, jnp.nan, dtype),
-        counted_leaves,
-    )
-    return jnp.where(jnp.isfinite(total) | ~jnp.isfinite(rescued), norm, rescued)
-
-
-def _overflow_shift(dtype: Any) -> int:
-    """``k`` such that ``sum((x * 2**-k) ** 2)`` is finite for any finite ``x`` of ``dtype``.
-
-    Each scaled square is below ``2**(2 * maxexp - 2 * k)``; ``k = (maxexp +
-    64) / 2`` keeps a sum of ``2**63`` of them below ``2**(maxexp - 1)`` (96
-    for float32, 544 for float64). The entries whose scaled squares underflow
-    (float32: below ``2**33``) add at most ``n * 2**-62`` of a sum that
-    overflowed (above ``2**128``): negligible.
-    """
-    return (int(jnp.finfo(dtype).maxexp) + 64) // 2
-
-
-def _rescued_norms(config: Config, placement: Placement, counted: list[Any]) -> jax.Array:
-    """``2**k * sqrt(sum((g * 2**-k)**2))`` per group: the norms of an overflowing step.
-
-    Finite for any finite entries whose norm the stats dtype can hold; a NaN or
-    inf entry gives a non-finite sum, as in the plain norm.
-    """
-    dtype = _stats_dtype()
-    groups = [g for g, c in zip(placement.groups, placement.counted) if c]
-    parts: list[list[tuple[int, jax.Array]]] = [[] for _ in placement.labels]
-    for group, leaf in zip(groups, counted):
-        op_dtype = _compute_dtype(leaf.dtype)
-        shift = _overflow_shift(op_dtype)
-        # The factor passes through an optimization barrier with the leaf: as a
-        # bare constant, XLA:CPU would materialise its broadcast to the leaf's
-        # shape, a gradient-sized buffer shared by the leaves of that shape.
-        factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaf))
-        scaled = jnp.sum(jnp.square(leaf.astype(op_dtype) * factor)).astype(dtype)
-        parts[group].append((shift, scaled))
-    shifts = [max(k for k, _ in p) for p in parts]
-    totals = []
-    for shift, p in zip(shifts, parts):
-        acc = jnp.zeros((), dtype)
-        for k, part in p:
-            # to the group's common shift (only a mixed float32/float64 group
-            # differs): a power of two, exact
-            acc = acc + (part if k == shift else part * jnp.asarray(4.0 ** (k - shift), dtype))
-        totals.append(acc)
-    total = jnp.stack(totals)
-    if config.axis_name is not None:
-        total = _axis_reduce(config, total)
-    # A norm beyond the stats dtype's range (float32: 3.4e38) is inf: the group is
-    # then non-finite, as for an inf entry.
-    return jnp.sqrt(total) * jnp.asarray([2.0**k for k in shifts], dtype)
-
-
-def _axis_reduce(config: Config, total: jax.Array) -> jax.Array:
-    reduce = jax.lax.psum if config.axis_reduction == "sum" else jax.lax.pmean
-    try:
-        return reduce(total, config.axis_name)
-    except (NameError, AssertionError, KeyError) as err:
-        # JAX says "unbound axis name" outside shard_map/pmap, and raises a bare
-        # AssertionError for a name the enclosing shard_map's mesh does not have
-        raise ValueError(
-            f"aggc: axis_name={config.axis_name!r} is not an axis of the enclosing "
-            "jax.shard_map or jax.pmap: call update inside one that maps this axis name "
-            "(e.g. shard_map over a mesh with that axis), or drop axis_name under plain "
-            "jax.jit, where sharded norms are already global"
-        ) from err
-
-
-def _not_an_aggc_state(state: Any) -> TypeError:
-    found = (
-        [i for i, part in enumerate(state) if isinstance(part, AGGCState)]
-        if isinstance(state, tuple)
-        else []
-    )
-    where = f" (it holds one at index {found[0]})" if found else ""
-    return TypeError(
-        f"aggc: update expects this transformation's own AGGCState, got a "
-        f"{type(state).__name__}{where}: pass the aggc part of the state (e.g. state[0] "
-        "of optax.chain(aggc(), ...)), or call the update of the whole optax.chain"
-    )
-
-
-def _rescale(placement: Placement, leaves: list[Any], scale: jax.Array) -> list[Any]:
-    """Every labelled leaf times its group's factor, in the leaf's compute dtype."""
-    group_scale = _per_group_scalars(scale)
-    out = []
-    for group, leaf in zip(placement.groups, leaves):
-        if group < 0:
-            out.append(leaf)
-            continue
-        op_dtype = _compute_dtype(leaf.dtype)
-        factor = group_scale[group]
-        scaled = (leaf.astype(op_dtype) * factor.astype(op_dtype)).astype(leaf.dtype)
-        # A group left alone comes back bit-identical (XLA:CPU flushes subnormal
-        # products to zero); the select fuses into the multiply's kernel.
-        out.append(jnp.where(factor == 1, leaf, scaled))
-    return out
-
-
-def _check_placement(placement: Placement, leaves: list[Any], labels: tuple[str, ...]) -> None:
-    for name, group, leaf in zip(placement.names, placement.groups, leaves):
-        if group >= 0:
-            _check_leaf_dtype(name, leaf)
-    if placement.labels != tuple(labels):
-        raise ValueError(
-            "aggc: the updates do not have the groups of the parameters AGGC was initialised "
-            f"with: {list(placement.labels)} in the updates, {list(labels)} at init"
-        )
-
-
-def _is_float_leaf(leaf: Any) -> bool:
-    try:
-        return jnp.issubdtype(_leaf_dtype("", leaf), jnp.floating)
-    except TypeError:  # a str or other non-array leaf left out of every group
-        return False
-
-
-def _warn_unlabelled(config: Config, params: Any, placement: Placement) -> None:
-    """Under the default rule, say how much of the model is left out of every group."""
-    if config.param_labels is not None or config.unlabelled == "ignore":
-        return
-    leaves = jax.tree_util.tree_leaves(params)
-    sizes = [int(np.prod(np.shape(leaf), dtype=np.int64)) for leaf in leaves]
-    left_out = [
-        (name, size)
-        for name, group, leaf, size in zip(placement.names, placement.groups, leaves, sizes)
-        if group < 0 and _is_float_leaf(leaf)
-    ]
-    if not left_out or not placement.labels:
-        return
-    share = sum(size for _, size in left_out) / max(1, sum(sizes))
-    first = ", ".join(repr(name) for name, _ in left_out[:5])
-    message = (
-        f"aggc: the default label rule (aggc_optax.reference_label) puts {len(left_out)} "
-        f"floating-point {'leaf' if len(left_out) == 1 else 'leaves'} ({share:.1%} of all "
-        "parameters) in no group, so they are never "
-        f"clipped: {first}{', ...' if len(left_out) > 5 else ''}. See "
-        "aggc_optax.describe_groups(params); label them with param_labels (e.g. "
-        "aggc_optax.module_labels), or pass unlabelled='ignore' if that is intended."
-    )
-    if config.unlabelled == "error":
-        raise ValueError(message)
-    warnings.warn(message, stacklevel=3)
+def _init_labels(config: Config, params: optax.Params) -> tuple[str, ...]:
+    """The group labels of ``params``, checked, with a warning for what looks unintended."""
+    placement = labels.place(params, config.param_labels)
+    labels.check_placement(placement, jax.tree_util.tree_leaves(params), placement.labels)
+    if not placement.labels:
+        _no_groups(config, placement)
+    labels.warn_unlabelled(params, placement, config.param_labels, config.unlabelled)
+    _warn_unmatched(config, placement.labels)
+    return placement.labels
 
 
 def _no_groups(config: Config, placement: Placement) -> None:
-    if config.on_no_groups == "error":
+    if not config.quirks.disable_without_groups:
         more = " ..." if len(placement.names) > 8 else ""
         raise ValueError(
             "aggc: no parameter got a group label, so nothing would be clipped. "
@@ -512,213 +331,23 @@ def _no_groups(config: Config, placement: Placement) -> None:
     warnings.warn(
         "AGGC: no parameter got a group label; like the reference clipper, the "
         "transformation disables itself and passes gradients through untouched.",
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
-def _init_state(labels: tuple[str, ...]) -> AGGCState:
-    num_groups, dtype = len(labels), _stats_dtype()
-
-    # A fresh buffer per field (no shared array): a state whose fields alias
-    # one buffer cannot be donated to a jitted update.
-    def zeros(dtype: Any = dtype) -> jax.Array:
-        return jnp.zeros((num_groups,), dtype)
-
-    return AGGCState(
-        count=jnp.zeros((), jnp.int32),
-        ema=zeros(),
-        ema_residual=zeros(),
-        norm=zeros(),
-        lower=zeros(),
-        upper=zeros(),
-        scale=jnp.ones((num_groups,), dtype),
-        ema_count=zeros(jnp.int32),
-        clip_down_count=zeros(jnp.int32),
-        raise_count=zeros(jnp.int32),
-        label_digest=jnp.asarray(label_digests(labels)),
-        labels=GroupLabels(labels),
-    )
-
-
-def label_digests(labels: tuple[str, ...]) -> np.ndarray:
-    """The CRC-32 of each label's UTF-8 bytes, as int32: what travels with the arrays."""
-    crcs = np.array([zlib.crc32(label.encode("utf-8")) for label in labels], np.uint32)
-    return crcs.view(np.int32)
-
-
-# The fields of an AGGCState with one entry per group, in group order.
-PER_GROUP_FIELDS = (
-    "ema",
-    "ema_residual",
-    "norm",
-    "lower",
-    "upper",
-    "scale",
-    "ema_count",
-    "clip_down_count",
-    "raise_count",
-    "label_digest",
-)
-
-
-def _order_error(saved: np.ndarray, labels: tuple[str, ...]) -> ValueError:
-    by_digest = dict(zip(label_digests(labels).tolist(), labels))
-    saved_order = [
-        by_digest.get(int(d), f"<a label not in this state, CRC-32 {int(d) & 0xFFFFFFFF:08x}>")
-        for d in saved.tolist()
-    ]
-    return ValueError(
-        "aggc: the state's arrays are in the group order "
-        f"{saved_order}, but its labels (those of the transformation) are {list(labels)}: "
-        "it was most likely restored from a checkpoint into a target whose groups come "
-        "in another order. Re-order it by label with aggc_optax.check_state(state, "
-        "reorder=True), or build the restore target from the same parameters and "
-        "param_labels as the saved state."
-    )
-
-
-def _state_in_order(state: AGGCState) -> bool | jax.Array:
-    """Whether the state's arrays are in its labels' order.
-
-    Concrete (an eager update): checked here, a mismatch raises. Traced (under
-    ``jax.jit``): a bool array, as nothing can be raised from compiled code;
-    the update then skips every group (see :func:`check_state`).
-    """
-    expected = label_digests(tuple(state.labels))
-    digest = state.label_digest
-    if np.shape(digest) != expected.shape:
-        raise ValueError(
-            f"aggc: the state's label_digest has shape {np.shape(digest)}, its labels "
-            f"{list(state.labels)} need {expected.shape}: the state was not built by "
-            "this transformation's init"
+def _warn_unmatched(config: Config, group_labels: tuple[str, ...]) -> None:
+    for key in _config.unmatched_keys(config, group_labels):
+        # most likely a typo (or the wrong label rule): say so rather than
+        # leave that group silently on the default hyperparameters
+        warnings.warn(
+            f"aggc: group_hyperparams key {key!r} matches no group label (labels: "
+            f"{list(group_labels)}); its entry has no effect. Keys are exact labels "
+            "or regular expressions matched against the whole label.",
+            stacklevel=5,
         )
-    if _validation.is_traced(digest):
-        return jnp.all(digest == expected)
-    saved = np.asarray(digest)
-    if not np.array_equal(saved, expected):
-        raise _order_error(saved, tuple(state.labels))
-    return True
 
 
-def check_state(opt_state: Any, *, reorder: bool = False) -> Any:
-    """Checks (or re-orders) every AGGC state in ``opt_state`` after a restore.
-
-    A checkpoint (Orbax, ``flax.serialization``, pickle) stores an
-    :class:`AGGCState`'s arrays and, in ``label_digest``, the CRC-32 of each
-    group's label in the order of the arrays; its labels come back from the
-    restore target. When the target's groups come in another order (the same
-    labels, a leaf added earlier in the tree), each restored EMA would belong
-    to another group. An eager ``update`` raises on such a state; under
-    ``jax.jit`` the update cannot raise, so it skips every group (gradients
-    pass through, the EMAs are kept, ``count - ema_count`` grows). Call this
-    after every restore.
-
-    Args:
-      opt_state: any optax state (a restored one), holding AGGC states anywhere.
-      reorder: re-order the per-group arrays of a state whose groups are the
-        target's in another order, by label, instead of raising.
-
-    Returns:
-      ``opt_state`` (with the re-ordered AGGC states when ``reorder``).
-
-    Raises:
-      ValueError: a state's arrays are not in its labels' order (and
-        ``reorder`` is False, or its saved labels are not the target's).
-
-    Example:
-      >>> import jax.numpy as jnp, aggc_optax
-      >>> tx = aggc_optax.aggc(param_labels={"a": "a", "b": "b"})
-      >>> state = tx.init({"a": jnp.ones(2), "b": jnp.ones(2)})
-      >>> aggc_optax.check_state(state) is state
-      True
-    """
-
-    def fix(node: Any) -> Any:
-        if not isinstance(node, AGGCState):
-            return node
-        labels = tuple(node.labels)
-        expected = label_digests(labels)
-        saved = np.asarray(node.label_digest)
-        if saved.shape == expected.shape and np.array_equal(saved, expected):
-            return node
-        saved_list = saved.tolist()
-        permutation = (
-            saved.shape == expected.shape
-            and len(set(saved_list)) == len(saved_list)
-            and sorted(saved_list) == sorted(expected.tolist())
-        )
-        if not (reorder and permutation):
-            raise _order_error(saved, labels)
-        index = jnp.asarray([saved_list.index(d) for d in expected.tolist()])
-        return node._replace(**{f: jnp.take(getattr(node, f), index) for f in PER_GROUP_FIELDS})  # type: ignore[arg-type]  # only per-group array fields
-
-    return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, AGGCState))
-
-
-def _build(config: Config) -> optax.GradientTransformationExtraArgs:
-    per_layout: dict[tuple[str, ...], Hyper] = {}  # labels -> one value per group, per field
-
-    def hyper_for(labels: tuple[str, ...]) -> Hyper:
-        if labels not in per_layout:
-            per_layout[labels] = _config.resolve(config, labels)
-        return per_layout[labels]
-
-    def init_fn(params: optax.Params) -> AGGCState:
-        placement = _labels.place(params, config.param_labels)
-        _check_placement(placement, jax.tree_util.tree_leaves(params), placement.labels)
-        if not placement.labels:
-            _no_groups(config, placement)
-        _warn_unlabelled(config, params, placement)
-        for key in _config.unmatched_keys(config, placement.labels):
-            # most likely a typo (or the wrong label rule): say so rather than
-            # leave that group silently on the default hyperparameters
-            warnings.warn(
-                f"aggc: group_hyperparams key {key!r} matches no group label (labels: "
-                f"{list(placement.labels)}); its entry has no effect. Keys are exact labels "
-                "or regular expressions matched against the whole label.",
-                stacklevel=3,
-            )
-        hyper_for(placement.labels)
-        return _init_state(placement.labels)
-
-    def update_fn(
-        updates: optax.Updates, state: AGGCState, params: optax.Params | None = None, **extra: Any
-    ) -> tuple[optax.Updates, AGGCState]:
-        del params, extra
-        if not isinstance(state, AGGCState):
-            raise _not_an_aggc_state(state)
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
-        placement = _labels.place(updates, config.param_labels)  # as optax.partition does
-        _check_placement(placement, leaves, state.labels)
-        leaves = [_as_array(x) if g >= 0 else x for x, g in zip(leaves, placement.groups)]
-        count = optax.safe_increment(state.count)
-        in_order = _state_in_order(state)
-        if not state.labels:
-            return updates, state._replace(count=count)
-        norm = _group_norms(config, placement, leaves)
-        per_group = hyper_for(tuple(state.labels))
-        hp = _hyper_at(per_group, state.count, norm.dtype)
-        # 1 - beta from the Python float: rounding beta = 0.999 to float32 first
-        # would put a 1.3e-5 relative error into every EMA update.
-        one_minus_beta = _at_step(per_group.ema_beta, state.count, norm.dtype, lambda b: 1 - b)
-        step = _group_step(config, hp, one_minus_beta, norm, state, in_order)
-        new_state = AGGCState(
-            count=count,
-            ema=step.ema,
-            ema_residual=step.ema_residual,
-            norm=norm,
-            lower=step.lower,
-            upper=step.upper,
-            scale=step.scale,
-            ema_count=step.ema_count,
-            clip_down_count=_saturating_add(state.clip_down_count, step.down.astype(jnp.int32)),
-            raise_count=_saturating_add(state.raise_count, step.raised.astype(jnp.int32)),
-            label_digest=state.label_digest,
-            labels=state.labels,
-        )
-        return treedef.unflatten(_rescale(placement, leaves, step.scale)), new_state  # type: ignore[attr-defined]  # jax's stub lacks PyTreeDef methods
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+# ------------------------------------------------------------------ the API
 
 
 def aggc(
@@ -862,30 +491,4 @@ def aggc(
         axis_name=axis_name,
         unlabelled=unlabelled,
     )
-    return _build(config)
-
-
-def _register_with_flax() -> None:
-    try:
-        from flax import serialization
-    except ImportError:  # flax is optional
-        return
-
-    def to_state_dict(labels: GroupLabels) -> dict[str, str]:
-        return {str(i): label for i, label in enumerate(labels)}
-
-    def from_state_dict(target: GroupLabels, state: Mapping[str, str]) -> GroupLabels:
-        restored = tuple(state[str(i)] for i in range(len(state)))
-        if restored != tuple(target):
-            raise ValueError(
-                f"aggc: the saved state has the groups {list(restored)}, the target "
-                f"{list(target)}; build the target from the same parameters and param_labels"
-            )
-        return target
-
-    serialization.register_serialization_state(
-        GroupLabels, to_state_dict, from_state_dict, override=True
-    )
-
-
-_register_with_flax()
+    return build(config)

@@ -1,10 +1,12 @@
 """AGGC's configuration: checked once, when the transformation is built.
 
-:func:`aggc` and :func:`from_reference_options` describe the same algorithm in two
-vocabularies. Both end in one :class:`Config`, whose hyperparameters are in the
-reference's form (``docs/reference-behaviour.md`` §1 and §4): ``raise_small`` a
-bool, ``low_mult = min_norm = 0`` when nothing is raised, a cap of 0 is off. Per
-group, :func:`resolve` turns them into one value per group, once per set of labels.
+:func:`~aggc_optax.aggc`'s arguments end in one :class:`Config`. Its
+hyperparameters are numbers where a switch is off (``raise_small`` a bool,
+``low_mult = min_norm = 0`` when nothing is raised, a cap of 0 is off), the
+form the update computes with. Every behaviour of the authors' clipper that
+``aggc()`` does not share is one field of :class:`Quirks`, all off by default;
+only ``aggc_optax.reference`` turns any on. Per group, :func:`resolve` turns
+the hyperparameters into one value per group, once per set of labels.
 """
 
 from __future__ import annotations
@@ -15,20 +17,16 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import jax
-import numpy as np
-
-from aggc_optax import _labels, _validation
-from aggc_optax._labels import ParamLabels
+from aggc_optax import _validation, labels
+from aggc_optax.labels import ParamLabels
 
 # aggc()'s default high_mult, chosen in docs/stability.md; one copy for the signature and checks.
 DEFAULT_HIGH_MULT = 3.0
 
-NONFINITE_POLICIES = ("skip", "reference")
+NONFINITE_POLICIES = ("skip", "reference")  # from_reference_options(nonfinite=)
 VARIANTS = ("reference", "paper")
 EMA_INITS = ("zero", "first", "bias_corrected")
 UNLABELLED = ("warn", "error", "ignore")
-AXIS_REDUCTIONS = ("sum", "mean")
 
 
 class Hyper(NamedTuple):
@@ -56,6 +54,28 @@ class _Entry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quirks:
+    """The authors' clipper's behaviours that :func:`~aggc_optax.aggc` does not share.
+
+    None is on by default; ``aggc_optax.reference`` (``from_reference_options``
+    and the recipes built on it) is the only place that turns one on. Each
+    names the section of ``docs/reference-behaviour.md`` it reproduces.
+    """
+
+    #: §8: a non-finite norm is used as is (a NaN disables its group for the
+    #: rest of the run, a float32 sum of squares overflows to inf) instead of
+    #: skipping the step for that group and rescuing an overflowing sum.
+    nonfinite_as_is: bool = False
+    #: ``sync_dist``: the mean over ``axis_name`` of the sums of squares, not their sum.
+    mean_over_devices: bool = False
+    #: §2: no labelled leaf disables the clipper (a warning) instead of raising.
+    disable_without_groups: bool = False
+    #: §4: caps take any value >= 0 at run time (out of range inverts them);
+    #: without it an injected or scheduled cap out of aggc()'s ranges skips the step.
+    any_cap: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything the transformation needs, checked."""
 
@@ -63,16 +83,11 @@ class Config:
     entries: tuple[_Entry, ...]
     auto_bounds: bool
     param_labels: ParamLabels
-    nonfinite: str
     variant: str
     ema_init: str
     axis_name: Any
-    axis_reduction: str
-    on_no_groups: str  # "error" (aggc) or "disable" (the reference, §2)
     unlabelled: str  # what init does when the default rule leaves float leaves out
-    # aggc()'s cap ranges are checked at run time too (the reference's form takes
-    # any cap >= 0: out-of-range values invert it, §4)
-    strict_caps: bool = False
+    quirks: Quirks = Quirks()
 
 
 def resolve(config: Config, labels: tuple[str, ...]) -> Hyper:
@@ -96,23 +111,16 @@ def unmatched_keys(config: Config, labels: tuple[str, ...]) -> list[str]:
 # ----------------------------------------------------------------- value checks
 
 
-def _beta(name: str, v: Any) -> Any:
+def beta(name: str, v: Any) -> Any:
     return _validation.check_number(name, v, minimum=0.0, maximum=1.0, maximum_exclusive=True)
 
 
-def _nonneg(name: str, v: Any) -> Any:
+def nonneg(name: str, v: Any) -> Any:
     return _validation.check_number(name, v, minimum=0.0)
 
 
-def _mult(name: str, v: Any) -> Any:
+def mult(name: str, v: Any) -> Any:
     return _validation.check_schedule_or_number(name, v, minimum=0.0)
-
-
-def _reference_cap(name: str, v: Any) -> Any:
-    # any value >= 0, as the reference takes it: out of range inverts the cap (§4)
-    return _validation.check_number(
-        name, v, minimum=0.0, allowed="in [0.0, inf) (0 is off; any other value is a cap)"
-    )
 
 
 def _up_cap(name: str, v: Any) -> Any:
@@ -135,45 +143,17 @@ def _down_cap(name: str, v: Any) -> Any:
     )
 
 
-def _flag(name: str, v: Any) -> Any:
-    # A tracer (injected under jit) cannot be inspected; a concrete array must be a
-    # scalar bool: jnp.array(0.3) is not taken as True, and a per-group vector is
-    # refused (one value per group is what group_hyperparams is for).
-    if _validation.is_traced(v):
-        return v
-    if isinstance(v, (jax.Array, np.ndarray)):
-        if v.dtype != np.bool_ or v.shape != ():
-            raise TypeError(
-                f"{name} must be a bool (or a scalar bool array), got an array of dtype "
-                f"{v.dtype} and shape {v.shape}; for per-group values use group_hyperparams"
-            )
-        return v
-    return _validation.check_bool(name, v)
-
-
-REFERENCE_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {
-    "ema_beta": _beta,
-    "low_mult": _mult,
-    "high_mult": _mult,
-    "min_norm": _nonneg,
-    "max_norm": _nonneg,
-    "max_up_scale": _reference_cap,
-    "max_down_scale": _reference_cap,
-    "raise_small": _flag,
-}
-
-
 def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     return lambda name, v: None if v is None else check(name, v)
 
 
 # aggc()'s form: None is "not given" (no raising, no cap, no fixed upper bound)
 _AGGC_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {
-    "ema_beta": _beta,
-    "low_mult": _optional(_mult),
-    "high_mult": _mult,
-    "min_norm": _optional(_nonneg),
-    "max_norm": _optional(_nonneg),
+    "ema_beta": beta,
+    "low_mult": _optional(mult),
+    "high_mult": mult,
+    "min_norm": _optional(nonneg),
+    "max_norm": _optional(nonneg),
     "max_up_scale": _optional(_up_cap),
     "max_down_scale": _optional(_down_cap),
 }
@@ -213,7 +193,7 @@ def _aggc_hyper(fields: Mapping[str, Any], auto_bounds: bool, where: str) -> Hyp
     )
 
 
-def _entries(
+def entries(
     group_hyperparams: Mapping[str, Mapping[str, Any]] | None,
     checks: Mapping[str, Callable[[str, Any], Any]],
     make: Callable[[Mapping[str, Any], str], Hyper],
@@ -251,15 +231,14 @@ def _entries(
     return tuple(entries)
 
 
-def _common(
-    param_labels: ParamLabels, variant: str, ema_init: str, nonfinite: str, unlabelled: str
+def common(
+    param_labels: ParamLabels, variant: str, ema_init: str, unlabelled: str
 ) -> dict[str, Any]:
-    _labels.check_param_labels(param_labels)
+    labels.check_param_labels(param_labels)
     return {
         "param_labels": param_labels,
         "variant": _validation.check_choice("variant", variant, VARIANTS),
         "ema_init": _validation.check_choice("ema_init", ema_init, EMA_INITS),
-        "nonfinite": _validation.check_choice("nonfinite", nonfinite, NONFINITE_POLICIES),
         "unlabelled": _validation.check_choice("unlabelled", unlabelled, UNLABELLED),
     }
 
@@ -292,45 +271,8 @@ def aggc_config(
 
     return Config(
         default=make(fields, ""),
-        entries=_entries(group_hyperparams, _AGGC_CHECKS, make, fields),
+        entries=entries(group_hyperparams, _AGGC_CHECKS, make, fields),
         auto_bounds=auto_bounds,
         axis_name=axis_name,
-        axis_reduction="sum",
-        on_no_groups="error",
-        strict_caps=True,
-        **_common(param_labels, variant, ema_init, "skip", unlabelled),
-    )
-
-
-def reference_config(
-    options: Mapping[str, Any],
-    *,
-    low_mult: Any,
-    high_mult: Any,
-    variant: str,
-    ema_init: str,
-    nonfinite: str,
-    param_labels: ParamLabels,
-    group_hyperparams: Mapping[str, Mapping[str, Any]] | None,
-    axis_name: Any,
-) -> Config:
-    """The reference's (already checked) options, with the multipliers as scheduled."""
-    default = Hyper(
-        **{f: options[f] for f in Hyper._fields if f not in ("low_mult", "high_mult")},
-        low_mult=low_mult,
-        high_mult=high_mult,
-    )
-
-    def make(merged: Mapping[str, Any], where: str) -> Hyper:
-        del where
-        return Hyper(**merged)
-
-    return Config(
-        default=default,
-        entries=_entries(group_hyperparams, REFERENCE_CHECKS, make, default._asdict()),
-        auto_bounds=options["auto_bounds"],
-        axis_name=axis_name,
-        axis_reduction="mean" if options["sync_dist"] else "sum",
-        on_no_groups="disable",
-        **_common(param_labels, variant, ema_init, nonfinite, "ignore"),
+        **common(param_labels, variant, ema_init, unlabelled),
     )

@@ -25,9 +25,9 @@ import optax
 
 from aggc_optax import _config, _validation, presets
 from aggc_optax._aggc import aggc
-from aggc_optax._labels import lora_label
-from aggc_optax._reference_options import REFERENCE_DEFAULTS
 from aggc_optax._schedule import cosine_ramp, linear_bounds_schedule
+from aggc_optax.labels import lora_label
+from aggc_optax.reference import REFERENCE_DEFAULTS
 
 PRESETS = ("lora_sft", "grpo", "default", "adagc")
 MULTIPLIER_SCHEDULES = ("constant", "linear", "cosine")

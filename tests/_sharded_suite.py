@@ -446,3 +446,31 @@ def test_single_device_checkpoint_restores_into_fsdp(tmp_path: Any) -> None:
             np.asarray(s_params[name]), np.asarray(params[name]), rtol=1e-5, atol=1e-7
         )
     np.testing.assert_allclose(np.asarray(s_state[0].ema), np.asarray(opt_state[0].ema), rtol=1e-5)
+
+
+# ------------------------------------------------- the transformation contract, sharded
+
+
+@pytest.mark.parametrize("name", ["aggc", "lora_sft", "grpo", "global_norm", "adagc"])
+def test_contract_state_sharding(name: str) -> None:
+    # tests/test_contract.py's last clause: every leaf split over 8 devices, the
+    # jitted update gives the single-device result and a replicated state
+    from tests.test_contract import TRANSFORMS, _grads, _params
+
+    tx = TRANSFORMS[name]()
+    params = _params()
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    sharded = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("fsdp"))), params)
+    update = jax.jit(tx.update)
+    state, single = tx.init(sharded), tx.init(params)
+    for t in range(4):
+        out, state = update(_grads(sharded, t), state)
+        want, single = update(_grads(params, t), single)
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-30)
+            assert a.sharding.spec == P("fsdp"), a.sharding
+    [inner] = aggc_optax.find_aggc_states(state)
+    for field in inner._fields:
+        if field != "labels":
+            assert getattr(inner, field).sharding.is_fully_replicated, field
+    assert int(np.sum(inner.clip_down_count)) + int(np.sum(inner.raise_count)) > 0

@@ -184,25 +184,6 @@ def test_flax_serialization_round_trips_the_state() -> None:
         serialization.from_state_dict(tx.init(params), other_dict)
 
 
-def test_jit_does_not_retrace_from_step_to_step() -> None:
-    params = {Q: jnp.ones((2, 2)), UP: jnp.ones(3)}
-    tx = aggc(low_mult=0.5)
-    update = jax.jit(tx.update)
-    state = tx.init(params)
-    for t in range(4):
-        _, state = update(jax.tree.map(lambda p, t=t: p * (t + 1), params), state)
-    assert update._cache_size() == 1
-
-
-def test_extra_args_are_accepted() -> None:
-    params = {Q: jnp.ones(2)}
-    tx = aggc()
-    assert isinstance(tx, optax.GradientTransformationExtraArgs)
-    chained = optax.chain(tx, optax.sgd(0.1))
-    _, state = chained.update(params, chained.init(params), params, loss=jnp.asarray(1.0))
-    assert int(aggc_optax.find_aggc_states(state)[0].count) == 1
-
-
 # --------------------------------------------------------------- the presets' NaN policy
 
 

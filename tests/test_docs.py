@@ -37,6 +37,7 @@ def test_the_docs_exist():
         "porting.md",
         "differences.md",
         "plots.md",
+        "architecture.md",
     ):
         assert page in names
 
@@ -79,8 +80,15 @@ def test_every_public_name_is_in_the_api_reference():
     documented = set(re.findall(r"^\.\. auto\w+:: (\w+)", reference, re.MULTILINE))
     assert set(aggc_optax.__all__) - {"presets"} <= documented
     with open(os.path.join(ROOT, "docs", "api", "modules.rst"), encoding="utf-8") as f:
-        modules = set(re.findall(r"^\.\. automodule:: aggc_optax\.(\w+)", f.read(), re.MULTILINE))
-    assert modules == {"presets", "csv_log", "plotting", "cli", "parity", "torch_reference"}
+        modules = set(re.findall(r"^\.\. automodule:: aggc_optax\.([\w.]+)", f.read(), re.M))
+    assert modules == {
+        "presets",
+        "monitoring.csv_log",
+        "monitoring.plotting",
+        "cli",
+        "torch.parity",
+        "torch.reference",
+    }
 
 
 def test_api_site_builds_without_warnings(tmp_path):

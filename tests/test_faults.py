@@ -18,7 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from aggc_optax import aggc, from_reference_options
+import aggc_optax
+from aggc_optax import aggc, from_reference_options, presets
 from tests.spec_model import SpecClipper, spec_label
 
 SHAPES = {
@@ -164,7 +165,7 @@ def model_trajectory(
 @pytest.mark.parametrize("config", ["default", "raise_no_caps"])
 @pytest.mark.parametrize("step", [0, 3, 40], ids=["step0", "warmup", "late"])
 # Finite entries whose float32 squares overflow are not a fault: such a group
-# is clipped (tests/test_reliability2.py, "overflowing norms").
+# is clipped (tests/test_numerics.py, "overflowing norms").
 @pytest.mark.parametrize("kind", ["nan", "inf", "-inf"])
 def test_skip_policy_isolates_the_faulty_group(config: str, step: int, kind: str) -> None:
     faulty = with_fault(SEQUENCE, step, kind)
@@ -498,3 +499,106 @@ def test_the_1e_12_margin_with_x64() -> None:
                 value * expected_scale, rel=1e-15
             )
         assert 1.0 - 1.0 / (1.0 + 3e-12) == pytest.approx(3e-12, rel=1e-3)
+
+
+# ------------------------------------- run-time faults, by hand, eager and under jit
+
+JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+
+
+def _update(tx: Any, g: Any, state: Any, jit: bool) -> Any:
+    return (jax.jit(tx.update) if jit else tx.update)(g, state)
+
+
+# traps -------------------------------------------------------------------
+
+
+def test_global_norm_empty_tree_error_names_no_param_labels() -> None:
+    with pytest.raises(ValueError, match="nothing to clip") as err:
+        presets.global_norm(1.0).init({})
+    assert "param_labels" not in str(err.value)
+
+
+def test_lora_sft_default_nan_policy_is_skip() -> None:
+    params = {"model": {"layers": {"0": {"q_proj": {"weight": jnp.array([3.0, 4.0])}}}}}
+    tx = presets.lora_sft(100)
+    state = tx.init(params)
+    _, state = tx.update(params, state)
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), params)
+    _, state2 = tx.update(bad, state)
+    assert np.all(np.isfinite(np.asarray(state2.ema)))  # the reference's policy would give NaN
+
+
+# bad run-time values never poison the state ------------------------------
+
+
+@JIT
+@pytest.mark.parametrize("beta", [float("nan"), 1.0, -3.0, float("inf")])
+def test_bad_injected_ema_beta_skips_the_step(jit: bool, beta: float) -> None:
+    tx = optax.inject_hyperparams(aggc_optax.aggc, static_args=("param_labels",))(
+        ema_beta=0.5, high_mult=2.0, param_labels={"a": "a", "b": None}
+    )
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
+    state = tx.init(g)
+    _, state = _update(tx, g, state, jit)  # EMA 5
+    state.hyperparams["ema_beta"] = jnp.asarray(beta)
+    spike = {"a": jnp.array([300.0, 400.0]), "b": jnp.array([1.0])}
+    if not jit:  # a concrete injected value is checked when the inner aggc() is built
+        with pytest.raises(ValueError, match="ema_beta must be"):
+            _update(tx, spike, state, jit)
+        return
+    out, state = _update(tx, spike, state, jit)
+    np.testing.assert_array_equal(np.asarray(out["a"]), [300.0, 400.0])  # passes through
+    assert float(state.inner_state.ema[0]) == 5.0 and int(state.inner_state.ema_count[0]) == 1
+    state.hyperparams["ema_beta"] = jnp.asarray(0.5)
+    out, state = _update(tx, spike, state, jit)
+    # clipping works again: bound 2 x 5 = 10, norm 500
+    np.testing.assert_allclose(np.asarray(out["a"]), [6.0, 8.0], rtol=1e-6)
+
+
+@JIT
+def test_injected_max_down_scale_above_one_is_a_fault(jit: bool) -> None:
+    tx = optax.inject_hyperparams(aggc_optax.aggc, static_args=("param_labels",))(
+        max_down_scale=0.5, param_labels={"a": "a"}
+    )
+    g = {"a": jnp.array([3.0, 4.0])}
+    state = tx.init(g)
+    _, state = _update(tx, g, state, jit)
+    state.hyperparams["max_down_scale"] = jnp.asarray(5.0)
+    if not jit:
+        with pytest.raises(ValueError, match="max_down_scale must be in"):
+            _update(tx, {"a": jnp.array([30.0, 40.0])}, state, jit)
+        return
+    out, _ = _update(tx, {"a": jnp.array([30.0, 40.0])}, state, jit)
+    np.testing.assert_array_equal(np.asarray(out["a"]), [30.0, 40.0])  # not multiplied by 5
+
+
+@JIT
+def test_nan_in_restored_ema_restarts_the_group(jit: bool) -> None:
+    tx = aggc_optax.aggc(high_mult=2.0, param_labels={"a": "a"})
+    g = {"a": jnp.array([3.0, 4.0])}
+    state = tx.init(g)
+    _, state = _update(tx, g, state, jit)
+    state = state._replace(ema=jnp.full_like(state.ema, jnp.nan))
+    out, state = _update(tx, {"a": jnp.array([30.0, 40.0])}, state, jit)
+    # detected: this step passes through and the EMA is reset
+    np.testing.assert_array_equal(np.asarray(out["a"]), [30.0, 40.0])
+    assert float(state.ema[0]) == 0.0 and int(state.ema_count[0]) == 0
+    _, state = _update(tx, g, state, jit)
+    # restarted as never updated: ema_init="first" takes this norm, 5
+    np.testing.assert_allclose(float(state.ema[0]), 5.0, rtol=1e-6)
+    out, _ = _update(tx, {"a": jnp.array([300.0, 400.0])}, state, jit)
+    np.testing.assert_allclose(np.asarray(out["a"]), [6.0, 8.0], rtol=1e-6)
+
+
+# a state of other groups --------------------------------------------------
+
+
+@JIT
+def test_state_of_other_labels_is_an_error_naming_both(jit: bool) -> None:
+    g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
+    first = aggc_optax.aggc(param_labels={"a": "x", "b": "y"})
+    second = aggc_optax.aggc(param_labels={"a": "y", "b": "z"})
+    state = first.init(g)
+    with pytest.raises(ValueError, match=r"\['y', 'z'\] in the updates, \['x', 'y'\] at init"):
+        _update(second, g, state, jit)

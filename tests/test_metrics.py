@@ -12,9 +12,9 @@ import optax
 import pytest
 
 import aggc_optax
-from aggc_optax import _metrics
+from aggc_optax.monitoring import _metrics
 
-FIELDS = aggc_optax._metrics.GROUP_KEYS
+FIELDS = _metrics.GROUP_KEYS
 
 
 def _grads(q: float, v: float) -> dict:

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from aggc_optax import REFERENCE_DEFAULTS, aggc, from_reference_options, group_stats
+import aggc_optax
+from aggc_optax import REFERENCE_DEFAULTS, aggc, from_reference_options, group_stats, presets
 from tests.spec_model import GRPO, LORA, SpecClipper, spec_label, spec_schedule
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -221,3 +222,40 @@ def test_the_lora_recipe_without_its_ramp_in_aggc_terms() -> None:
         assert (np.asarray(sa.lower) == 0).all() and (np.asarray(sb.lower) >= 0.01).all()
     np.testing.assert_array_equal(sa.ema, sb.ema)
     assert optax.tree.get(sa, "count") == 12
+
+
+# unchecked array options and typos --------------------------------------
+
+
+def test_float_array_raise_small_is_rejected() -> None:
+    with pytest.raises(TypeError, match=r"\['raise_small'\] must be a bool"):
+        aggc_optax.from_reference_options(
+            {"enable": True}, group_hyperparams={"q_proj": {"raise_small": jnp.array(0.3)}}
+        )
+    with pytest.raises(TypeError, match="raise_small must be a bool"):
+        aggc_optax.from_reference_options({"enable": True, "raise_small": jnp.array(0.3)})
+    # a per-group vector is refused, naming the parameter and the shape
+    with pytest.raises(TypeError, match=r"\['raise_small'\].*shape \(2,\)"):
+        aggc_optax.from_reference_options(
+            {"enable": True},
+            group_hyperparams={"q_proj": {"raise_small": jnp.array([True, False])}},
+        )
+    with pytest.raises(TypeError, match="auto_bounds must be a bool"):
+        aggc_optax.from_reference_options({"enable": True, "auto_bounds": jnp.array([True])})
+
+
+def test_capital_linear_warns_and_is_none_as_in_the_reference() -> None:
+    with pytest.warns(UserWarning, match="bounds_schedule='Linear' is not 'linear'"):
+        aggc_optax.from_reference_options(
+            {"enable": True, "bounds_schedule": "Linear", "high_mult_late": 0.7}, total_steps=10
+        )
+
+
+def test_late_multipliers_without_total_steps_warn() -> None:
+    with pytest.warns(UserWarning, match="total_steps is None"):
+        aggc_optax.from_reference_options(
+            {"enable": True, "bounds_schedule": "linear", "high_mult_late": 0.7}
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        presets.grpo()  # the recipe as the authors ran it: documented, no warning

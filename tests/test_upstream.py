@@ -2,7 +2,7 @@
 
 The authors' file is not in the repository (it has no license), so these tests
 point ``--upstream`` at files with its interface: the bundled reference's own
-file (``aggc_optax/torch_reference.py`` defines ``PerModuleGradClipper`` and
+file (``aggc_optax/torch/reference.py`` defines ``PerModuleGradClipper`` and
 ``PerModuleGradNormOptions``), a copy of that clipper that does not say which
 branch it took (as the authors' does not), and one with a deliberate error.
 """

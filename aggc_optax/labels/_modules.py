@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from aggc_optax._labels import path_name, tree_labeler
+from aggc_optax.labels._rules import path_name, tree_labeler
 
 # The marker that stands for "any block index" in a label.
 BLOCK = "*"

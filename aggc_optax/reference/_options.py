@@ -5,15 +5,17 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import jax
+import numpy as np
 import optax
 
 from aggc_optax import _aggc, _config, _validation
-from aggc_optax._labels import ParamLabels
 from aggc_optax._schedule import linear_bounds_schedule
+from aggc_optax.labels import ParamLabels
 
 #: The reference's options and their defaults (docs/reference-behaviour.md §1).
 REFERENCE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
@@ -39,6 +41,80 @@ REFERENCE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "keep_global_clip": False,
     }
 )
+
+
+def _reference_cap(name: str, v: Any) -> Any:
+    # any value >= 0, as the reference takes it: out of range inverts the cap (§4)
+    return _validation.check_number(
+        name, v, minimum=0.0, allowed="in [0.0, inf) (0 is off; any other value is a cap)"
+    )
+
+
+def _flag(name: str, v: Any) -> Any:
+    # A tracer (injected under jit) cannot be inspected; a concrete array must be a
+    # scalar bool: jnp.array(0.3) is not taken as True, and a per-group vector is
+    # refused (one value per group is what group_hyperparams is for).
+    if _validation.is_traced(v):
+        return v
+    if isinstance(v, (jax.Array, np.ndarray)):
+        if v.dtype != np.bool_ or v.shape != ():
+            raise TypeError(
+                f"{name} must be a bool (or a scalar bool array), got an array of dtype "
+                f"{v.dtype} and shape {v.shape}; for per-group values use group_hyperparams"
+            )
+        return v
+    return _validation.check_bool(name, v)
+
+
+REFERENCE_CHECKS: Mapping[str, Callable[[str, Any], Any]] = {
+    "ema_beta": _config.beta,
+    "low_mult": _config.mult,
+    "high_mult": _config.mult,
+    "min_norm": _config.nonneg,
+    "max_norm": _config.nonneg,
+    "max_up_scale": _reference_cap,
+    "max_down_scale": _reference_cap,
+    "raise_small": _flag,
+}
+
+
+def _reference_config(
+    options: Mapping[str, Any],
+    *,
+    low_mult: Any,
+    high_mult: Any,
+    variant: str,
+    ema_init: str,
+    nonfinite: str,
+    param_labels: ParamLabels,
+    group_hyperparams: Mapping[str, Mapping[str, Any]] | None,
+    axis_name: Any,
+) -> _config.Config:
+    """The reference's (already checked) options, with the multipliers as scheduled."""
+    default = _config.Hyper(
+        **{f: options[f] for f in _config.Hyper._fields if f not in ("low_mult", "high_mult")},
+        low_mult=low_mult,
+        high_mult=high_mult,
+    )
+
+    def make(merged: Mapping[str, Any], where: str) -> _config.Hyper:
+        del where
+        return _config.Hyper(**merged)
+
+    return _config.Config(
+        default=default,
+        entries=_config.entries(group_hyperparams, REFERENCE_CHECKS, make, default._asdict()),
+        auto_bounds=options["auto_bounds"],
+        axis_name=axis_name,
+        quirks=_config.Quirks(
+            nonfinite_as_is=nonfinite == "reference",
+            mean_over_devices=options["sync_dist"],
+            disable_without_groups=True,
+            any_cap=True,
+        ),
+        **_config.common(param_labels, variant, ema_init, "ignore"),
+    )
+
 
 _BOOL_OPTIONS = ("enable", "auto_bounds", "raise_small", "sync_dist", "keep_global_clip")
 
@@ -70,7 +146,7 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     # Checked even with enable=False, so a bad recipe fails when it is written,
     # not on the day someone enables it. Caps take any value >= 0, as in the
     # reference (out-of-range values invert their meaning, docs/reference-behaviour.md §4).
-    for key, check in _config.REFERENCE_CHECKS.items():
+    for key, check in REFERENCE_CHECKS.items():
         merged[key] = check(key, merged[key])
     for key in ("low_mult_late", "high_mult_late"):
         # any finite value: <= 0 means "use the base value" (docs/reference-behaviour.md §5)
@@ -228,7 +304,8 @@ def from_reference_options(
         low = linear_bounds_schedule(low, opts["low_mult_late"], **ramp)
         high = linear_bounds_schedule(high, opts["high_mult_late"], **ramp)
 
-    config = _config.reference_config(
+    nonfinite = _validation.check_choice("nonfinite", nonfinite, _config.NONFINITE_POLICIES)
+    config = _reference_config(
         opts,
         low_mult=low,
         high_mult=high,
@@ -239,4 +316,4 @@ def from_reference_options(
         group_hyperparams=group_hyperparams,
         axis_name=axis_name,
     )
-    return _aggc._build(config)
+    return _aggc.build(config)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from aggc_optax._scale_only import ScaleOnly
+from aggc_optax.labels._scale_only import ScaleOnly
 
 # docs/reference-behaviour.md §2, rule 1: ordered; the first token of this list that matches wins.
 REFERENCE_TOKENS: tuple[str, ...] = (
@@ -298,7 +298,7 @@ def path_name(path: Sequence[Any]) -> str:
     return ".".join(_key_str(k) for k in keys)
 
 
-def _labeler_arity(fn: Callable[..., Any]) -> int:
+def labeler_arity(fn: Callable[..., Any]) -> int:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -452,7 +452,7 @@ def leaf_labels(params: Any, param_labels: ParamLabels = None) -> tuple[list[str
     if isinstance(param_labels, TreeLabeler):
         return names, _labels_from_tree(param_labels(params), names, params)
     if callable(param_labels) and not isinstance(param_labels, Mapping):
-        arity = _labeler_arity(param_labels)
+        arity = labeler_arity(param_labels)
         out = []
         for n, (_, leaf) in zip(names, flat):
             try:

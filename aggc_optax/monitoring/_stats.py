@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from aggc_optax._aggc import AGGCState, GroupLabels
+from aggc_optax._state import AGGCState, GroupLabels
 
 STAT_FIELDS = ("norm", "lower", "upper", "scale", "ema", "clip_down_count", "raise_count")
 # The array fields of AGGCState: a mapping with all of them is an AGGC state that
@@ -18,7 +18,7 @@ STAT_FIELDS = ("norm", "lower", "upper", "scale", "ema", "clip_down_count", "rai
 _ARRAY_FIELDS = frozenset(f for f in AGGCState._fields if f != "labels")
 
 
-def _unbox(x: Any) -> jax.Array:
+def unbox(x: Any) -> jax.Array:
     if isinstance(x, jax.Array):  # the common case; jnp.asarray costs ~20 us a call
         return x
     # Flax NNX's Optimizer keeps state arrays inside Variable boxes; their `.value`
@@ -59,7 +59,7 @@ def _labels_of(stored: Any) -> tuple[str, ...] | None:
 
 def _from_mapping(mapping: Mapping[Any, Any], labels: tuple[str, ...] | None) -> AGGCState:
     by_name = {str(k): v for k, v in mapping.items()}
-    num_groups = int(jnp.shape(_unbox(by_name["norm"]))[0])
+    num_groups = int(jnp.shape(unbox(by_name["norm"]))[0])
     stored = _labels_of(by_name.get("labels"))
     if stored is None:
         stored = labels
@@ -206,7 +206,7 @@ def group_stats(opt_state: Any, labels: Any = None) -> dict[str, dict[str, jax.A
         )
     out: dict[str, dict[str, jax.Array]] = {}
     for state in states:
-        arrays = _split_groups({field: _unbox(getattr(state, field)) for field in STAT_FIELDS})
+        arrays = _split_groups({field: unbox(getattr(state, field)) for field in STAT_FIELDS})
         for i, label in enumerate(state.labels):
             if label in out:
                 raise ValueError(

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aggc_optax import _aggc, _labels
-from aggc_optax._aggc import AGGCState
-from aggc_optax._labels import lora_label
-from aggc_optax._reference_options import from_reference_options
-from aggc_optax.presets import LORA_SFT_OPTIONS
+from aggc_optax import _numerics, labels
+from aggc_optax._state import AGGCState
+from aggc_optax.labels import lora_label
+from aggc_optax.reference._options import from_reference_options
+from aggc_optax.reference.recipes import LORA_SFT_OPTIONS
 
 __all__ = ["LoraCallbackAsRanState", "lora_callback_as_ran"]
 
@@ -129,8 +129,8 @@ def lora_callback_as_ran(
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
     if param_labels is not None and (
         not callable(param_labels)
-        or isinstance(param_labels, _labels.TreeLabeler)
-        or _labels._labeler_arity(param_labels) != 1
+        or isinstance(param_labels, labels.TreeLabeler)
+        or labels.labeler_arity(param_labels) != 1
     ):
         raise ValueError(
             "lora_callback_as_ran: param_labels must be None or a callable fn(name) (such as "
@@ -149,7 +149,7 @@ def lora_callback_as_ran(
                 "lora_callback_as_ran: these options clip nothing (enable is False), so there "
                 "is no callback to reproduce"
             )
-        dtype = _aggc._stats_dtype()
+        dtype = _numerics.stats_dtype()
         zero = jnp.zeros((), jnp.int32)
         return LoraCallbackAsRanState(
             micro_step=zero,
@@ -170,8 +170,8 @@ def lora_callback_as_ran(
         stand_in = jax.tree_util.tree_map(jnp.sqrt, hook_sumsq)
         _, clip_state = clipper.update(stand_in, clip_state._replace(count=step))
         leaves, treedef = jax.tree_util.tree_flatten(accumulated)
-        placement = _labels.place(accumulated, param_labels)
-        return treedef.unflatten(_aggc._rescale(placement, leaves, clip_state.scale)), clip_state  # type: ignore[attr-defined]  # jax's stub lacks PyTreeDef methods
+        placement = labels.place(accumulated, param_labels)
+        return treedef.unflatten(_numerics.rescale(placement, leaves, clip_state.scale)), clip_state  # type: ignore[attr-defined]  # jax's stub lacks PyTreeDef methods
 
     def update_fn(
         updates: optax.Updates,
@@ -179,13 +179,13 @@ def lora_callback_as_ran(
         params: optax.Params | None = None,
         **extra: Any,
     ) -> tuple[optax.Updates, LoraCallbackAsRanState]:
-        dtype = _aggc._stats_dtype()
+        dtype = _numerics.stats_dtype()
         accumulated = jax.tree_util.tree_map(
             lambda a, g: a + g.astype(a.dtype), state.accumulated, updates
         )
         hook_sumsq = jax.tree_util.tree_map(
             lambda h, g: (
-                h + jnp.sum(jnp.square(g.astype(_aggc._compute_dtype(g.dtype)))).astype(dtype)
+                h + jnp.sum(jnp.square(g.astype(_numerics.compute_dtype(g.dtype)))).astype(dtype)
             ),
             state.hook_sumsq,
             updates,

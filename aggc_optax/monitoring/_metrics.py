@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aggc_optax._stats import _unbox, cached_states, find_aggc_states
+from aggc_optax.monitoring._stats import cached_states, find_aggc_states, unbox
 
 # Per-group columns of the stacked array, in order.
 GROUP_KEYS = (
@@ -136,7 +136,7 @@ def metrics(opt_state: Any, prefix: str = "aggc", labels: Any = None) -> dict[st
         raise ValueError(
             "metrics: no AGGC state found in opt_state (is aggc() part of the optimizer?)"
         )
-    arrays = [{f: _unbox(getattr(s, f)) for f in _INPUTS} for s in states]
+    arrays = [{f: unbox(getattr(s, f)) for f in _INPUTS} for s in states]
     (values,) = jax.device_get(_stack(arrays))
     if len(states) == 1:
         prefixes: tuple[str, ...] = (prefix,)

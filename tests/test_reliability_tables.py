@@ -1,4 +1,4 @@
-"""Issue 14, round 3: crashes and unclear errors, from docs/reliability.md's executed tables.
+"""Crashes and unclear errors, from docs/reliability.md's executed tables.
 
 The table ``error-table-3`` (errors that need optax or a mapped axis) and the table
 ``accepted-table`` (inputs that used to fail and are now accepted) live in

@@ -1,0 +1,232 @@
+"""The numerics of one AGGC step: group norms with the overflow rescue, the compensated
+EMA, the rescale, and the dtypes each runs in.
+
+Every function here is pure array math on leaves and per-group vectors; what a
+group is and which hyperparameters it has is decided elsewhere (``_aggc``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aggc_optax.labels import Placement
+
+#: Sums the per-group sums of squares over devices (``psum``/``pmean``), or None.
+AcrossDevices = Callable[[jax.Array], jax.Array] | None
+
+EPS = 1e-12  # the reference's branch and division epsilon
+NORM_FLOOR = 1e-16  # added to the sum of squares: an all-zero group has norm 1e-8
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def python_max(a: jax.Array, b: jax.Array) -> jax.Array:
+    # Python's max(a, b) keeps a unless b > a, so max(0.0, nan) is 0.0; the
+    # reference relies on this for non-finite EMAs (docs/reference-behaviour.md §8).
+    return jnp.where(b > a, b, a)
+
+
+def python_min(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(b < a, b, a)
+
+
+def stats_dtype() -> Any:
+    # float64 when jax_enable_x64 is on: the reference does its scalar math in
+    # Python floats, so that is the closest match; float32 otherwise.
+    return jnp.result_type(float)
+
+
+def compute_dtype(dtype: Any) -> Any:
+    # Per-tensor sums and the rescale run in float32 for half-precision leaves
+    # (as torch does), in the leaf's own dtype for float32 and float64. float8
+    # types have no implicit promotion: they are computed in float32 too.
+    if jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def saturating_add(counter: jax.Array, increment: jax.Array) -> jax.Array:
+    """``counter + increment`` that stays at int32's maximum instead of wrapping negative."""
+    return jnp.where(counter >= _INT32_MAX - increment, _INT32_MAX, counter + increment)
+
+
+def ema_step(
+    ema: jax.Array,
+    residual: jax.Array,
+    beta: jax.Array,
+    one_minus_beta: jax.Array,
+    x: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``beta * ema + (1 - beta) * x`` on the unevaluated sum ``ema + residual``.
+
+    A float32 EMA stalls once its increment drops below half an ulp: at
+    ``beta = 0.999`` it can stay ``2**-24 / (1 - beta)``, about 6e-5 relative,
+    away from the float64 recurrence of the reference. Carrying the rounding
+    error of each update in ``residual`` (an exact TwoSum) keeps the EMA within
+    float32 rounding of it. Non-finite values take the plain formula, so NaN and
+    inf propagate exactly as in the reference (docs/reference-behaviour.md §8).
+    """
+    plain = beta * ema + one_minus_beta * x
+    delta = one_minus_beta * (x - ema) + beta * residual
+    total = ema + delta
+    delta_part = total - ema
+    error = (ema - (total - delta_part)) + (delta - delta_part)
+    compensated = jnp.isfinite(plain) & jnp.isfinite(total) & jnp.isfinite(error)
+    return jnp.where(compensated, total, plain), jnp.where(compensated, error, 0.0)
+
+
+def per_group_scalars(values: jax.Array) -> list[jax.Array]:
+    """``values[g]`` for every group ``g``, each as a scalar of its own.
+
+    A plain ``values[g]`` is a static slice, which XLA fuses into every
+    consumer: each leaf's update kernel would then embed its group's index, so
+    leaves of one shape would need one compiled kernel per group (XLA compiles
+    one kernel per distinct fused computation) and compile time would grow with
+    the number of groups, to 4x a global-norm clip's with one group per leaf.
+    The max of a pair of neighbours with the other one masked to ``-inf`` is
+    exact (``max(v, -inf) == v``, NaN and inf included) and, being a
+    reduction, is not fused into an elementwise consumer: leaves of one shape
+    share one kernel whatever their group, as under a global-norm clip, and the
+    extraction costs one tiny kernel per group.
+    """
+    num_groups = values.shape[0]
+    if num_groups == 1:
+        return [values[0]]
+    out = []
+    for g in range(num_groups):
+        start = min(g, num_groups - 2)
+        pair = values[start : start + 2]
+        out.append(jnp.max(jnp.where(jnp.arange(2) == g - start, pair, -jnp.inf)))
+    return out
+
+
+def group_norms(
+    placement: Placement, leaves: Sequence[Any], across_devices: AcrossDevices, *, rescue: bool
+) -> jax.Array:
+    """Each group's norm, ``[G]``, from the leaves its norm counts.
+
+    Overflow-safe for finite input: a group whose plain sum of squares
+    overflowed (every entry finite, a float32 norm above about 1.8e19) gets
+    ``2**k * sqrt(sum((g * 2**-k)**2))`` instead (:func:`_rescued_norms`,
+    exact power-of-two arithmetic), computed under ``jax.lax.cond`` only on a
+    step where some group's sum is not finite: a normal step pays one scalar
+    test and keeps its bits. A NaN or inf entry makes both sums non-finite, so
+    the group's norm stays non-finite and the NaN policy applies.
+    """
+    dtype = stats_dtype()
+    # Each group's sum of squares is a chain of scalar adds in leaf order, as
+    # the reference accumulates its per-tensor sums in Python floats; no
+    # [leaves] buffer and no scatter-add (a serial loop on CPU, atomics in
+    # no fixed order on GPU).
+    sums: list[jax.Array | None] = [None] * len(placement.labels)
+    for group, counted, leaf in zip(placement.groups, placement.counted, leaves):
+        if counted:
+            square = jnp.sum(jnp.square(leaf.astype(compute_dtype(leaf.dtype)))).astype(dtype)
+            sums[group] = square if sums[group] is None else sums[group] + square  # type: ignore[operator]  # not None on this branch
+    total = jnp.stack([jnp.zeros((), dtype) if s is None else s for s in sums])
+    if across_devices is not None:
+        total = across_devices(total)
+    norm = jnp.sqrt(total + NORM_FLOOR)
+    if not rescue:
+        # the reference's float32 sums overflow to inf (docs/reference-behaviour.md §8)
+        return norm
+    counted_leaves = [leaf for leaf, c in zip(leaves, placement.counted) if c]
+    rescued = jax.lax.cond(
+        jnp.any(~jnp.isfinite(total)),
+        lambda xs: _rescued_norms(placement, xs, across_devices),
+        lambda xs: jnp.full(norm.shape, jnp.nan, dtype),
+        counted_leaves,
+    )
+    return jnp.where(jnp.isfinite(total) | ~jnp.isfinite(rescued), norm, rescued)
+
+
+def _overflow_shift(dtype: Any) -> int:
+    """``k`` such that ``sum((x * 2**-k) ** 2)`` is finite for any finite ``x`` of ``dtype``.
+
+    Each scaled square is below ``2**(2 * maxexp - 2 * k)``; ``k = (maxexp +
+    64) / 2`` keeps a sum of ``2**63`` of them below ``2**(maxexp - 1)`` (96
+    for float32, 544 for float64). The entries whose scaled squares underflow
+    (float32: below ``2**33``) add at most ``n * 2**-62`` of a sum that
+    overflowed (above ``2**128``): negligible.
+    """
+    return (int(jnp.finfo(dtype).maxexp) + 64) // 2
+
+
+def _rescued_norms(
+    placement: Placement, counted: list[Any], across_devices: AcrossDevices
+) -> jax.Array:
+    """``2**k * sqrt(sum((g * 2**-k)**2))`` per group: the norms of an overflowing step.
+
+    Finite for any finite entries whose norm the stats dtype can hold; a NaN or
+    inf entry gives a non-finite sum, as in the plain norm.
+    """
+    dtype = stats_dtype()
+    groups = [g for g, c in zip(placement.groups, placement.counted) if c]
+    parts: list[list[tuple[int, jax.Array]]] = [[] for _ in placement.labels]
+    for group, leaf in zip(groups, counted):
+        op_dtype = compute_dtype(leaf.dtype)
+        shift = _overflow_shift(op_dtype)
+        # The factor passes through an optimization barrier with the leaf: as a
+        # bare constant, XLA:CPU would materialise its broadcast to the leaf's
+        # shape, a gradient-sized buffer shared by the leaves of that shape.
+        factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaf))
+        scaled = jnp.sum(jnp.square(leaf.astype(op_dtype) * factor)).astype(dtype)
+        parts[group].append((shift, scaled))
+    shifts = [max(k for k, _ in p) for p in parts]
+    totals = []
+    for shift, p in zip(shifts, parts):
+        acc = jnp.zeros((), dtype)
+        for k, part in p:
+            # to the group's common shift (only a mixed float32/float64 group
+            # differs): a power of two, exact
+            acc = acc + (part if k == shift else part * jnp.asarray(4.0 ** (k - shift), dtype))
+        totals.append(acc)
+    total = jnp.stack(totals)
+    if across_devices is not None:
+        total = across_devices(total)
+    # A norm beyond the stats dtype's range (float32: 3.4e38) is inf: the group is
+    # then non-finite, as for an inf entry.
+    return jnp.sqrt(total) * jnp.asarray([2.0**k for k in shifts], dtype)
+
+
+def across_devices(axis_name: Any, *, mean: bool) -> AcrossDevices:
+    """The sum (or mean) of per-group sums of squares over ``axis_name``; None without one."""
+    if axis_name is None:
+        return None
+    reduce = jax.lax.pmean if mean else jax.lax.psum
+
+    def apply(total: jax.Array) -> jax.Array:
+        try:
+            return reduce(total, axis_name)
+        except (NameError, AssertionError, KeyError) as err:
+            # JAX says "unbound axis name" outside shard_map/pmap, and raises a bare
+            # AssertionError for a name the enclosing shard_map's mesh does not have
+            raise ValueError(
+                f"aggc: axis_name={axis_name!r} is not an axis of the enclosing "
+                "jax.shard_map or jax.pmap: call update inside one that maps this axis name "
+                "(e.g. shard_map over a mesh with that axis), or drop axis_name under plain "
+                "jax.jit, where sharded norms are already global"
+            ) from err
+
+    return apply
+
+
+def rescale(placement: Placement, leaves: Sequence[Any], scale: jax.Array) -> list[Any]:
+    """Every labelled leaf times its group's factor, in the leaf's compute dtype."""
+    group_scale = per_group_scalars(scale)
+    out = []
+    for group, leaf in zip(placement.groups, leaves):
+        if group < 0:
+            out.append(leaf)
+            continue
+        op_dtype = compute_dtype(leaf.dtype)
+        factor = group_scale[group]
+        scaled = (leaf.astype(op_dtype) * factor.astype(op_dtype)).astype(leaf.dtype)
+        # A group left alone comes back bit-identical (XLA:CPU flushes subnormal
+        # products to zero); the select fuses into the multiply's kernel.
+        out.append(jnp.where(factor == 1, leaf, scaled))
+    return out
