@@ -62,14 +62,14 @@ from progress import Progress
 # ---------------------------------------------------------------------------
 
 PROTOCOL: dict[str, Any] = {
-    "difficulty": dataclasses.asdict(math_task.Difficulty()),
+    "difficulty": {"factor_max": 5, "count_max": 5, "max_events": 1, "share_max": 3},
     "train_problems": 4000,
     "test_problems": 300,
     "data_seed": 0,
-    "seq_len": 168,
-    "steps": 150,
-    "batch_size": 16,
-    "lr": 3e-3,
+    "seq_len": 128,
+    "steps": 800,
+    "batch_size": 8,
+    "lr": 1e-2,
     "full_ft_lr": 1e-3,
     "warmup_ratio": 0.03,
     "weight_decay": 0.0,
@@ -77,6 +77,7 @@ PROTOCOL: dict[str, Any] = {
     "max_new": 40,
 }
 QUICK: dict[str, Any] = {"train_problems": 64, "test_problems": 16, "steps": 4, "batch_size": 4}
+SEEDS = (0, 1, 2, 3, 4)
 
 METHODS: dict[str, str] = {
     "lora": "LoRA (no clipping)",
@@ -270,9 +271,14 @@ def train_runs(
     clip = clip_state_of(method, state)
     counts = None
     if clip is not None:
+        # group_stats reads one state: take each seed's slice of the vmapped state
+        per_seed = [
+            aggc_optax.group_stats(jax.tree.map(lambda x, i=i: x[i], clip))
+            for i in range(len(seeds))
+        ]
         counts = {
-            label: [int(x) for x in np.asarray(stats["clip_down_count"])]
-            for label, stats in aggc_optax.group_stats(clip).items()
+            label: [int(stats[label]["clip_down_count"]) for stats in per_seed]
+            for label in per_seed[0]
         }
     return {
         "method": method,
@@ -382,6 +388,15 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def majority_guess(record: dict[str, Any]) -> tuple[int, float]:
+    """The most common test answer (the smallest on a tie) and the accuracy of always
+    answering it: the floor below which a model has learned nothing usable."""
+    answers = np.asarray(record["test_answers"])
+    values, counts = np.unique(answers, return_counts=True)
+    best = int(values[np.argmax(counts)])
+    return best, float(np.mean(answers == best))
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -469,10 +484,12 @@ def summary_md(record: dict[str, Any]) -> str:
             f"{per_seed} | {rest} |"
         )
     se = max(r["se_per_seed"] for r in analysis.values())
+    guess, guess_acc = majority_guess(record)
     lines += [
         "",
         f"Standard error of one seed's accuracy (binomial, {p['test_problems']} problems): at "
-        f"most {_pct(se)} points.",
+        f"most {_pct(se)} points. Answering {guess} (the most common test answer) to every "
+        f"problem would score {_pct(guess_acc)}%.",
         "",
         headline(analysis),
         "",
@@ -585,9 +602,24 @@ def write_reports(record: dict[str, Any], out: str) -> str:
 
 
 def load_record(path: str) -> dict[str, Any]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return json.load(f)
+    """A record (``results.json`` or ``.json.gz``), or several separated by commas (runs of
+    the same protocol and seeds made by separate ``--methods`` processes), merged."""
+    records = []
+    for part in path.split(","):
+        opener = gzip.open if part.endswith(".gz") else open
+        with opener(part, "rt") as f:
+            records.append(json.load(f))
+    merged = records[0]
+    for other in records[1:]:
+        for key in ("protocol", "seeds", "test_answers"):
+            if other[key] != merged[key]:
+                raise SystemExit(f"--report-from: the records differ in {key!r}; cannot merge")
+        merged["runs"] += other["runs"]
+        merged["meta"]["seconds"] = max(merged["meta"]["seconds"], other["meta"]["seconds"])
+        merged["meta"]["command"] += " ; " + other["meta"]["command"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    merged["runs"].sort(key=lambda r: (r["rank"] is None, r["rank"] or 0, order[r["method"]]))
+    return merged
 
 
 # ---------------------------------------------------------------------------
@@ -596,7 +628,11 @@ def load_record(path: str) -> dict[str, Any]:
 
 
 def run_study(
-    p: dict[str, Any], seeds: Sequence[int], corpus: str | None, quiet: bool
+    p: dict[str, Any],
+    seeds: Sequence[int],
+    corpus: str | None,
+    quiet: bool,
+    methods: Sequence[str] = tuple(METHODS),
 ) -> dict[str, Any]:
     start = time.perf_counter()
     base_path = paper_base.BASE_PATH
@@ -609,7 +645,8 @@ def run_study(
         base_meta = {"sha256": paper_base.file_sha256(base_path), "corpus": "python-stdlib"}
     base_meta["num_params"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param))))
     data = make_data(p)
-    configs = [(m, r) for r in p["ranks"] for m in METHODS if m != "full_ft"] + [("full_ft", None)]
+    configs = [(m, r) for r in p["ranks"] for m in methods if m != "full_ft"]
+    configs += [("full_ft", None)] if "full_ft" in methods else []
     bar = Progress(len(configs) * p["steps"], "paper SFT study", quiet=quiet)
     runs = []
     for method, rank in configs:
@@ -665,6 +702,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "pretrained on the Python standard library)")  # fmt: skip
     parser.add_argument("--ranks", type=_ints, default=None, help="LoRA ranks (default: protocol)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny, not evidence")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated subset of the methods (to split the study over "
+                        "processes; merge with --report-from A,B)")  # fmt: skip
     parser.add_argument("--report-from", default=None, metavar="RECORD",
                         help="rewrite summary.md and the figures from a record "
                         "(results.json or .json.gz)")  # fmt: skip
@@ -675,6 +715,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds has repeats: {args.seeds}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown}; allowed: {list(METHODS)}")
     if args.ranks is not None and min(args.ranks) < 1:
         parser.error(f"--ranks must be >= 1, got {args.ranks}")
     return args
@@ -692,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = {**PROTOCOL, **(QUICK if args.quick else {}), "_out": args.out}
     if args.ranks is not None:
         p["ranks"] = list(args.ranks)
-    record = run_study(p, args.seeds, args.corpus, args.quiet)
+    record = run_study(p, args.seeds, args.corpus, args.quiet, args.methods)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(record, f)

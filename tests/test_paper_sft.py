@@ -151,3 +151,155 @@ def test_sft_arrays_mask_the_completion_only() -> None:
     assert bytes(tokens[0, targets].tolist()).decode() == p.completion
     with pytest.raises(ValueError, match="sequence length"):
         math_task.sft_arrays([p], 20)
+
+
+# ---------------------------------------------------------------------------
+# The base model, LoRA and the decoder.
+# ---------------------------------------------------------------------------
+
+
+def test_base_checkpoint_lora_groups_and_cached_decoder() -> None:
+    import jax
+    import jax.numpy as jnp
+    import paper_base
+    from flax import nnx
+
+    assert paper_base.file_sha256(paper_base.BASE_PATH) == paper_base.BASE_SHA256
+    assert os.path.getsize(paper_base.BASE_PATH) <= 10 * 2**20
+    base = paper_base.load_base()
+    with pytest.raises(ValueError, match="SHA-256"):
+        paper_base.load_base(paper_base.BASE_PATH, sha256="0" * 64)
+    graphdef, adapters, frozen = paper_base.lora_model(4, seed=3, base=base)
+    groups = paper_base.lora_groups(adapters)
+    layers = paper_base.BASE_CONFIG.num_layers
+    assert sorted(groups) == sorted(n for ns in paper_base.PROJECTIONS.values() for n in ns)
+    for entry in groups.values():  # A and B of every layer together
+        assert len(entry["leaves"]) == 2 * layers
+    tokens = jnp.asarray([list(b"Q: Ann has 3 pens.\nA: ")])
+    wrapped = nnx.merge(graphdef, adapters, frozen)
+    # B = 0: the wrapped model computes what the base does
+    np.testing.assert_allclose(np.asarray(wrapped(tokens)), np.asarray(base(tokens)), atol=1e-5)
+    # the cached greedy loop equals greedy decoding by recomputing the whole prefix
+    adapters = jax.tree.map(
+        lambda x: x + 0.05 * jnp.sign(jnp.sin(jnp.arange(x.size))).reshape(x.shape), adapters
+    )
+    model = nnx.merge(graphdef, adapters, frozen)
+    problems = math_task.generate("test", 2, 0)
+    prompts, lengths = math_task.prompt_arrays(problems, max(len(p.prompt) for p in problems) + 6)
+    out = np.asarray(
+        paper_base.make_greedy_decoder(graphdef)(adapters, (frozen,), prompts, lengths)
+    )
+    want = prompts.copy()
+    for i in range(len(problems)):
+        for pos in range(int(lengths[i]), want.shape[1]):
+            logits = model(jnp.asarray(want[i : i + 1, :pos]))
+            want[i, pos] = int(jnp.argmax(logits[0, -1]))
+    np.testing.assert_array_equal(out, want)
+
+
+# ---------------------------------------------------------------------------
+# The vendored record, re-analysed here, and the page's claims.
+# ---------------------------------------------------------------------------
+
+
+def _record() -> dict:
+    with gzip.open(RECORD, "rt") as f:
+        return json.load(f)
+
+
+def _accuracies(run: dict) -> np.ndarray:
+    return np.asarray(run["correct"], float).mean(axis=1)
+
+
+def test_record_is_complete_and_paired() -> None:
+    record = _record()
+    p = record["protocol"]
+    seeds = record["seeds"]
+    assert len(seeds) >= 5
+    configs = {(r["method"], r["rank"]) for r in record["runs"]}
+    lora_methods = {"lora", "lora_global_clip", "lora_sft_preset", "as_ran_k2", "as_ran_k4",
+                    "lora_aggc"}  # fmt: skip
+    for rank in p["ranks"]:
+        assert {(m, rank) for m in lora_methods} <= configs
+    assert ("full_ft", None) in configs
+    for r in record["runs"]:
+        assert r["seeds"] == seeds
+        correct = np.asarray(r["correct"])
+        assert correct.shape == (len(seeds), p["test_problems"])
+        assert set(np.unique(correct)) <= {0, 1}
+        assert np.asarray(r["loss"]).shape == (len(seeds), p["steps"])
+    assert len(record["test_answers"]) == p["test_problems"]
+    # the test answers are those of the generated test split
+    d = math_task.Difficulty(**p["difficulty"])
+    test = math_task.generate("test", p["test_problems"], p["data_seed"], d)
+    assert [q.answer for q in test] == record["test_answers"]
+    # the callback as ran clips only at accumulation > 1; the preset every step
+    for r in record["runs"]:
+        if r["method"] in ("as_ran_k2", "as_ran_k4", "lora_sft_preset", "lora_aggc"):
+            assert r["clip_down_count"], r["method"]
+        else:
+            assert r["clip_down_count"] is None
+
+
+def _bootstrap(diff: np.ndarray, num: int = 4000, seed: int = 7) -> tuple[float, float]:
+    # Independent of paper_sft.paired_bootstrap: explicit index resampling, other seed.
+    rng = np.random.default_rng(seed)
+    s, q = diff.shape
+    means = np.empty(num)
+    for b in range(num):
+        rows = rng.integers(0, s, s)
+        cols = rng.integers(0, q, q)
+        means[b] = diff[rows][:, cols].mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _page_rows() -> dict[str, list[str]]:
+    with open(PAGE) as f:
+        text = f.read()
+    section = text.split("<!-- sft-table -->")[1]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 6:
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_page_table_and_claims_match_the_record() -> None:
+    record = _record()
+    runs = {(r["method"], r["rank"]): r for r in record["runs"]}
+    first = record["protocol"]["ranks"][0]
+    rows = _page_rows()
+    assert len(rows) == len(runs)
+    intervals = {}
+    for (method, rank), run in runs.items():
+        name = method if rank is None else f"{method}@r{rank}"
+        acc = _accuracies(run)
+        cells = rows[name]
+        # accuracy mean +- std, in percent, one decimal
+        assert cells[2] == f"{100 * acc.mean():.1f} +- {100 * acc.std(ddof=1):.1f}"
+        if method == "lora":
+            continue
+        ref = runs[("lora", rank if rank is not None else first)]
+        d = acc - _accuracies(ref)
+        assert cells[3] == f"{100 * d.mean():+.1f}"
+        assert cells[5] == f"{int(np.sum(d > 0))} / {int(np.sum(d == 0))} / {int(np.sum(d < 0))}"
+        low, high = (float(x) / 100 for x in cells[4].strip("[]").split(","))
+        mine = _bootstrap(np.asarray(run["correct"], float) - np.asarray(ref["correct"], float))
+        # two bootstraps of the same data: their bounds agree to within a point
+        assert abs(low - mine[0]) < 0.012 and abs(high - mine[1]) < 0.012
+        intervals[name] = (low, high, method)
+    with open(PAGE) as f:
+        text = f.read()
+    claims = text.split("<!-- sft-claims -->")[1].split("<!-- /sft-claims -->")[0]
+    clipper_ci = {k: v for k, v in intervals.items() if v[2] != "full_ft"}
+    excludes = [k for k, (lo, hi, _) in clipper_ci.items() if lo > 0 or hi < 0]
+    if not excludes:
+        assert "No clipper's accuracy differs from LoRA alone" in claims
+    else:
+        for k in excludes:
+            assert k in claims
+    # LoRA alone landed in the calibrated band on the study's seeds, as the page says
+    lora = _accuracies(runs[("lora", first)])
+    assert 0.2 <= lora.mean() <= 0.8 or "outside the calibrated band" in text
