@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, serialization
 
 import aggc_optax
 from aggc_optax import presets
@@ -232,11 +232,32 @@ def load_policy(args: argparse.Namespace) -> Policy:
         pre = paper_base.pretrain(path, args.corpus, quiet=args.quiet)
         base = paper_base.load_base(path, sha256=pre["sha256"])
         identity |= {"base_sha256": pre["sha256"], "corpus": pre["corpus"]}
+    cache = args.sft_cache
+    if cache is not None and os.path.exists(cache + ".json"):
+        with open(cache + ".json") as f:
+            saved = json.load(f)
+        if (
+            saved["identity"]["sft_protocol"] == json.loads(json.dumps(p))
+            and saved["identity"]["base_sha256"] == identity["base_sha256"]
+        ):
+            graphdef, params = nnx.split(paper_base.load_base(), nnx.Param)
+            with open(cache, "rb") as f:
+                params = serialization.from_bytes(params, f.read())
+            if params_sha256(params) != saved["sha256"]:
+                raise ValueError(
+                    f"--sft-cache {cache}: the weights' SHA-256 differs from {cache}.json"
+                )
+            return Policy(graphdef, params, task, saved["identity"])
     data = paper_sft.make_data(p)
     out = paper_sft.train_runs("lora", p["ranks"][0], [SFT_SEED], p, data, base)
     adapters = jax.tree.map(lambda x: x[0], out["trained"])
     graphdef, params = merge_lora(out["graphdef"], adapters, out["frozen"])
     identity["sft_test_accuracy"] = float(np.mean(out["correct"][0]))
+    if cache is not None:  # the calibration check and the study start from the same weights
+        with open(cache, "wb") as f:
+            f.write(serialization.to_bytes(params))
+        with open(cache + ".json", "w") as f:
+            json.dump({"identity": identity, "sha256": params_sha256(params)}, f)
     return Policy(graphdef, params, task, identity)
 
 
@@ -873,6 +894,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="RATES",
         help="GRPO without clipping at these rates on the calibration seed only",
     )
+    p.add_argument(
+        "--sft-cache",
+        default=None,
+        metavar="PATH",
+        help="keep the SFT policy here (reused when part 1's protocol and base are unchanged)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument(
         "--report-from",
@@ -892,6 +919,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.lr is not None and not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
     return args
+
+
+def calibration_verdict(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The pre-declared divergence rule (docs/paper-miniature-grpo.md, Protocol).
+
+    A rate diverges when its mean KL over the last 10 optimizer steps exceeds 1
+    or its mean reward over the last third of the steps is below half that of
+    the first third; the study takes the largest rate that does not diverge.
+    """
+    verdict: dict[str, Any] = {"diverged": {}}
+    for r in runs:
+        reward = np.asarray(r["reward"], float)
+        third = max(1, reward.size // 3)
+        first, last = reward[:third].mean(), reward[-third:].mean()
+        kl = float(np.mean(r["kl"][-10:]))
+        verdict["diverged"][f"{r['lr']:g}"] = bool(kl > 1.0 or last < 0.5 * first)
+    fine = [r["lr"] for r in runs if not verdict["diverged"][f"{r['lr']:g}"]]
+    verdict["chosen_lr"] = max(fine) if fine else None
+    return verdict
 
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
@@ -958,11 +1004,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     record = json.loads(json.dumps(record))  # analysed as the file holds it
     if args.calibrate is None:
         record["analysis"] = analyse(record)
+    else:
+        record["calibration_verdict"] = calibration_verdict(record["runs"])
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(record, f)
     if args.calibrate is None:
         write_reports(record, args.out, args.quiet)
     elif not args.quiet:
+        print(json.dumps(record["calibration_verdict"]))
         for r in record["runs"]:
             rw = np.asarray(r["reward"])
             print(
