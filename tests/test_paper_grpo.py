@@ -215,6 +215,7 @@ def test_first_update_pg_loss_is_minus_mean_advantage_and_kl_zero(model):
 
 RECORD = os.path.join(ROOT, "docs", "data", "paper_grpo_results.json.gz")
 DOC = os.path.join(ROOT, "docs", "paper-miniature-grpo.md")
+CALIBRATION = os.path.join(ROOT, "docs", "data", "paper_grpo_calibration.json.gz")
 
 
 def _acc(bits: str) -> float:
@@ -347,9 +348,28 @@ def test_vendored_record_is_the_full_protocol(vendored):
     defaults = {k: v for k, v in paper_grpo.DEFAULTS.items() if v is not None}
     defaults["seeds"] = list(defaults["seeds"])
     assert {k: setup[k] for k in defaults} == defaults
-    # the rate: part 1's SFT rate x the paper's GRPO/SFT ratio
-    np.testing.assert_allclose(setup["lr"], vendored["policy"]["sft_protocol"]["lr"] * 1e-6 / 2e-5)
     _check_analysis(vendored)
+
+
+def test_the_rate_is_what_the_divergence_check_chose(vendored):
+    with gzip.open(CALIBRATION, "rt") as f:
+        cal = json.load(f)
+    r0 = vendored["policy"]["sft_protocol"]["lr"] * 1e-6 / 2e-5  # the paper's GRPO/SFT ratio
+    np.testing.assert_allclose(sorted(r["lr"] for r in cal["runs"]), [r0 / 16, r0 / 4, r0])
+    assert cal["calibration"] and cal["setup"]["seeds"] == [paper_grpo.CALIBRATION_SEED]
+    assert paper_grpo.CALIBRATION_SEED not in vendored["setup"]["seeds"]
+    assert set(cal["methods"]) == {"none"}  # no clipper ran in the check
+    assert cal["policy"]["sha256"] == vendored["policy"]["sha256"]  # the same SFT start
+    ok = []
+    for r in cal["runs"]:  # the rule, restated
+        reward = np.asarray(r["reward"], float)
+        third = len(reward) // 3
+        diverged = (
+            np.mean(r["kl"][-10:]) > 1 or reward[-third:].mean() < 0.5 * reward[:third].mean()
+        )
+        if not diverged:
+            ok.append(r["lr"])
+    assert vendored["setup"]["lr"] == max(ok) == cal["calibration_verdict"]["chosen_lr"]
 
 
 def test_my_decoder_scores_the_start_as_part_1s_decoder_does(vendored):
