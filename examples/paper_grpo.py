@@ -242,7 +242,8 @@ def load_policy(args: argparse.Namespace) -> Policy:
         ):
             graphdef, params = nnx.split(paper_base.load_base(), nnx.Param)
             with open(cache, "rb") as f:
-                params = serialization.from_bytes(params, f.read())
+                loaded = serialization.msgpack_restore(f.read())
+            params.replace_by_pure_dict(jax.tree.map(jnp.asarray, loaded))
             if params_sha256(params) != saved["sha256"]:
                 raise ValueError(
                     f"--sft-cache {cache}: the weights' SHA-256 differs from {cache}.json"
@@ -255,7 +256,8 @@ def load_policy(args: argparse.Namespace) -> Policy:
     identity["sft_test_accuracy"] = float(np.mean(out["correct"][0]))
     if cache is not None:  # the calibration check and the study start from the same weights
         with open(cache, "wb") as f:
-            f.write(serialization.to_bytes(params))
+            pure = jax.tree.map(np.asarray, params.to_pure_dict())
+            f.write(serialization.msgpack_serialize(pure))
         with open(cache + ".json", "w") as f:
             json.dump({"identity": identity, "sha256": params_sha256(params)}, f)
     return Policy(graphdef, params, task, identity)
