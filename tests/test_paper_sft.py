@@ -9,9 +9,13 @@ pipeline end to end.
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import os
+import pathlib
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -303,3 +307,34 @@ def test_page_table_and_claims_match_the_record() -> None:
     # LoRA alone landed in the calibrated band on the study's seeds, as the page says
     lora = _accuracies(runs[("lora", first)])
     assert 0.2 <= lora.mean() <= 0.8 or "outside the calibrated band" in text
+
+
+# ---------------------------------------------------------------------------
+# The pipeline, end to end.
+# ---------------------------------------------------------------------------
+
+
+def test_quick_run_writes_a_consistent_record(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "quick"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "paper_sft.py"), "--quick", "--seeds", "3",
+         "--out", str(out), "--quiet"],
+        check=True, env=env, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    with open(out / "results.json") as f:
+        record = json.load(f)
+    import paper_sft
+
+    assert record["seeds"] == [3]
+    assert {r["method"] for r in record["runs"]} == set(paper_sft.METHODS)
+    for r in record["runs"]:
+        assert np.asarray(r["correct"]).shape == (1, paper_sft.QUICK["test_problems"])
+        assert np.isfinite(np.asarray(r["loss"])).all()
+    # the callback as ran clipped on some steps only; the preset on every step it could
+    k2 = next(r for r in record["runs"] if r["method"] == "as_ran_k2")["clip_down_count"]
+    steps = paper_sft.QUICK["steps"]
+    assert all(0 <= c[0] <= steps // 2 for c in k2.values())
+    summary = (out / "summary.md").read_text()
+    assert summary == paper_sft.summary_md(record) + summary[len(paper_sft.summary_md(record)) :]
+    assert (out / "paper_sft_accuracy.png").stat().st_size > 0
