@@ -112,6 +112,11 @@ def scaled_lr() -> float:
     return float(paper_sft.PROTOCOL["lr"]) * PAPER_GRPO["lr"] / PAPER_SFT_LR
 
 
+# The rate check (r0, r0/4, r0/16 without clipping, calibration seed 100) chose r0/4
+# (docs/paper-miniature-grpo.md, Protocol; docs/data/paper_grpo_calibration.json.gz).
+RATE_DIVISOR = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything a run depends on besides the SFT weights (recorded with the results)."""
@@ -923,23 +928,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def calibration_verdict(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The pre-declared divergence rule (docs/paper-miniature-grpo.md, Protocol).
+KL_CEILING = 0.1  # the amended check's bound on the mean KL of the last 10 optimizer steps
 
-    A rate diverges when its mean KL over the last 10 optimizer steps exceeds 1
-    or its mean reward over the last third of the steps is below half that of
-    the first third; the study takes the largest rate that does not diverge.
+
+def calibration_verdict(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The rate checks of docs/paper-miniature-grpo.md (Protocol), from the no-clip runs.
+
+    ``first_rule`` (written before the check ran): a rate diverges when its mean KL
+    over the last 10 optimizer steps exceeds 1 or its mean reward over the last
+    third of the steps is below half that of the first third. It rejected every
+    rate: the runs share one prompt sequence, so the thirds compare prompts, not
+    rates. ``kl_rule`` (amended after that, before any clipper ran): the largest
+    rate whose mean KL over the last 10 optimizer steps stays below
+    :data:`KL_CEILING`.
     """
-    verdict: dict[str, Any] = {"diverged": {}}
+    first: dict[str, bool] = {}
+    kl_last: dict[str, float] = {}
     for r in runs:
         reward = np.asarray(r["reward"], float)
         third = max(1, reward.size // 3)
-        first, last = reward[:third].mean(), reward[-third:].mean()
         kl = float(np.mean(r["kl"][-10:]))
-        verdict["diverged"][f"{r['lr']:g}"] = bool(kl > 1.0 or last < 0.5 * first)
-    fine = [r["lr"] for r in runs if not verdict["diverged"][f"{r['lr']:g}"]]
-    verdict["chosen_lr"] = max(fine) if fine else None
-    return verdict
+        kl_last[f"{r['lr']:g}"] = kl
+        first[f"{r['lr']:g}"] = bool(
+            kl > 1.0 or reward[-third:].mean() < 0.5 * reward[:third].mean()
+        )
+    fine = [r["lr"] for r in runs if not first[f"{r['lr']:g}"]]
+    under = [r["lr"] for r in runs if kl_last[f"{r['lr']:g}"] < KL_CEILING]
+    return {
+        "first_rule": {"diverged": first, "chosen_lr": max(fine) if fine else None},
+        "kl_rule": {"kl_last10": kl_last, "chosen_lr": max(under) if under else None},
+        "chosen_lr": max(under) if under else None,
+    }
 
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
@@ -951,7 +970,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     if args.steps is not None:
         fields["steps"] = args.steps
         fields["eval_every"] = min(fields["eval_every"], args.steps)
-    fields["lr"] = args.lr if args.lr is not None else scaled_lr()
+    fields["lr"] = args.lr if args.lr is not None else scaled_lr() / RATE_DIVISOR
     if args.calibrate is not None:
         fields["seeds"] = (CALIBRATION_SEED,)
     return Setup(**fields)
