@@ -523,6 +523,16 @@ def standard_error(p: float, n: int) -> float:
 BOOTSTRAP = 2000
 
 
+VANISHING = 1e-6  # a first gradient norm below this times the run's median: vanishing
+STALLED = 0.01  # a run whose clipper left less than this of the norm on most steps
+
+
+def vanishing_first(run: dict[str, Any]) -> bool:
+    """Whether the run's first gradient norm is below VANISHING times its median."""
+    norms = np.asarray(run["grad_norm"], float)
+    return bool(norms[0] < VANISHING * np.median(norms))
+
+
 def kept_median(runs: Sequence[dict[str, Any]]) -> float:
     """Median over the runs' optimizer steps (with a nonzero gradient) of the fraction of
     the gradient's global norm left after the clipper."""
@@ -577,7 +587,9 @@ def analyse(record: dict[str, Any]) -> dict[str, Any]:
             ),
             # at step 1 params == reference: the k3 gradient is 0, and so is the whole
             # gradient when every group's rewards are uniform (zero advantages)
-            "zero_first_gradient": [s for s in seeds if by[(m, s)]["grad_norm"][0] == 0.0],
+            "vanishing_first_gradient": [s for s in seeds if vanishing_first(by[(m, s)])],
+            "stalled": [s for s in seeds if kept_median([by[(m, s)]]) < STALLED],
+            "kl_last10": {s: float(np.mean(by[(m, s)]["kl"][-10:])) for s in seeds},
             "kept_norm_median": kept_median([by[(m, s)] for s in seeds]),
         }
     ref = "global_clip"
@@ -674,15 +686,32 @@ def findings(analysis: dict[str, Any], setup: dict[str, Any]) -> list[str]:
             f"{SHORT[m]} rescaled {100 * a['rescaled_fraction']:.1f}% of its "
             f"(optimizer step, group) pairs."
         )
-    zero = {m: a["zero_first_gradient"] for m, a in analysis["methods"].items()}
-    if any(zero.values()):
+    vanish = {m: a["vanishing_first_gradient"] for m, a in analysis["methods"].items()}
+    if any(vanish.values()):
+        seeds_v = sorted({x for v in vanish.values() for x in v})
         out.append(
-            "The first gradient was exactly zero (every rollout group of the first mini-batch "
-            "got uniform rewards, and the KL gradient is zero while the policy equals the "
-            "reference) for seeds "
-            + "; ".join(f"{SHORT[m]}: {v}" for m, v in zero.items() if v)
-            + ". aggc()'s default ema_init='first' then starts each EMA at 0."
+            f"The first gradient vanished (norm below {VANISHING:g} of the run's median) on "
+            f"seed(s) {seeds_v} for "
+            + ", ".join(SHORT[m] for m, v in vanish.items() if v)
+            + " (the policy gradient is zero when every group of a mini-batch gets uniform "
+            "rewards, and the KL term's gradient is zero up to rounding while the policy "
+            "equals the reference)."
         )
+    for m, a in analysis["methods"].items():
+        if a["stalled"]:
+            kl = ", ".join(f"{a['kl_last10'][s]:.1e}" for s in a["stalled"])
+            out.append(
+                f"{SHORT[m]} left less than {STALLED:g} of the gradient's norm on most steps "
+                f"of seed(s) {a['stalled']} (mean KL over the last 10 steps {kl}): "
+                "that run barely trained."
+                + (
+                    " It is the vanishing-first-gradient seed: aggc()'s default "
+                    "ema_init='first' starts each group's EMA at that first norm, and bounds "
+                    "3 times a near-zero EMA clip every later step to near zero."
+                    if m == "aggc" and set(a["stalled"]) <= set(a["vanishing_first_gradient"])
+                    else ""
+                )
+            )
     out.append(
         "Median fraction of the gradient's norm left after the clipper (optimizer steps with "
         "a nonzero gradient, all seeds): "
