@@ -144,12 +144,29 @@ def _taken(
     EMA is reset, so the next step starts it over as if never updated.
     """
     if config.quirks.nonfinite_as_is:
-        return jnp.broadcast_to(jnp.asarray(in_order), norm.shape), None
-    restart = ~(jnp.isfinite(state.ema) & jnp.isfinite(state.ema_residual))
-    taken = jnp.isfinite(norm) & _hyper_ok(config, hp, one_minus_beta) & ~restart
-    if in_order is not True:
-        taken = taken & in_order
+        taken, restart = jnp.broadcast_to(jnp.asarray(in_order), norm.shape), None
+    else:
+        restart = ~(jnp.isfinite(state.ema) & jnp.isfinite(state.ema_residual))
+        taken = jnp.isfinite(norm) & _hyper_ok(config, hp, one_minus_beta) & ~restart
+        if in_order is not True:
+            taken = taken & in_order
+    if config.ema_init == "first":
+        taken = taken & ~_awaiting_first_norm(norm, state.ema_count)
     return taken, restart
+
+
+def _awaiting_first_norm(norm: jax.Array, ema_count: jax.Array) -> jax.Array:
+    """``ema_init="first"``: the groups whose EMA has not started and whose gradient is all zero.
+
+    Such a group (frozen parameters; GRPO's first step, where the policy equals
+    the reference and uniform rewards zero every advantage) has no scale to start
+    from: starting at the floor would set its upper bound to ~3e-8 and clip every
+    later gradient to nothing for hundreds of steps. It waits, untouched, for its
+    first non-zero norm. An all-zero gradient's norm is ``sqrt(NORM_FLOOR)``,
+    computed as :func:`_numerics.group_norms` computes it.
+    """
+    zero = norm <= jnp.sqrt(jnp.asarray(_numerics.NORM_FLOOR, norm.dtype))
+    return (ema_count == 0) & zero
 
 
 def _start(config: Config, ema: _Ema, norm: jax.Array, taken: jax.Array) -> _Ema:
@@ -398,7 +415,7 @@ def aggc(
 
     The defaults leave normal steps untouched and clip a group down to three
     times its EMA when its norm exceeds that; the EMA starts at the group's first
-    norm, so the first step clips nothing and there is no warm-up with tiny bounds.
+    non-zero norm, so the first step clips nothing and there is no warm-up with tiny bounds.
     In the stability study (``docs/stability.md``: a byte-level LLaMA-style
     model on real text, 3 seeds) they rescaled 0.04% of normal (step, group)
     pairs, cut a ``v_proj`` x100 fault to 0.068x with 2 of 660 other pairs
@@ -414,7 +431,8 @@ def aggc(
         schedule of the 0-based step count (e.g. :func:`linear_bounds_schedule`).
       ema_beta: EMA decay :math:`\beta`, in ``[0, 1)``.
       ema_init: how :math:`S_j` starts: ``"first"`` (at the group's first finite
-        norm, as if that norm had always been seen), ``"zero"`` (at 0, as the
+        non-zero norm, as if that norm had always been seen; until then the
+        group passes untouched), ``"zero"`` (at 0, as the
         reference: the first steps clip to tiny bounds) or ``"bias_corrected"``
         (at 0, and the bounds use :math:`S_j / (1 - \beta^n)` after ``n``
         updates, as Adam does; the state keeps the uncorrected EMA).

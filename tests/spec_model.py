@@ -142,6 +142,10 @@ class GroupModel:
     def step(self, norm: float, t: int) -> dict[str, float]:
         beta = self.ema_beta
         taken = self.nonfinite == "reference" or math.isfinite(norm)
+        if self.ema_init == "first" and self.updates == 0 and norm <= math.sqrt(1e-16):
+            # an all-zero gradient (its norm is the 1e-16 floor's): nothing to start
+            # from, so the group waits for its first non-zero norm
+            taken = False
         ema = self.ema
         if self.ema_init == "first" and self.updates == 0 and taken:
             ema = norm  # as if this norm had always been seen

@@ -96,6 +96,29 @@ def test_hand_computed_four_step_trajectories(variant, ema_init) -> None:
     assert int(state.ema_count[0]) == 4
 
 
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_first_start_waits_for_a_non_zero_norm(variant) -> None:
+    # GRPO's first step from the reference policy can be exactly zero. Norms 0, 0, 4,
+    # 4, 20 with aggc()'s defaults (beta 0.99, bounds 3x EMA, no raising), by hand:
+    # the zero steps are not taken (EMA unstarted, count 0, gradients as they are);
+    # the EMA starts at 4, so 4 passes and 20 is cut to the upper bound 3 * 4 = 12
+    # (the paper variant's EMA includes this step: 0.99 * 4 + 0.01 * 20 = 4.16 -> 12.48).
+    tx = aggc(variant=variant)
+    steps, state = _run_q(tx, [0.0, 0.0, 4.0, 4.0, 20.0])
+    for g, stats in steps[:2]:
+        assert float(stats["scale"]) == 1.0
+        assert float(stats["ema"]) == 0.0
+        np.testing.assert_array_equal(np.asarray(g[Q]), [0.0, 0.0])
+    assert [float(s["scale"]) for _, s in steps[2:4]] == [1.0, 1.0]
+    upper = 12.0 if variant == "reference" else 3 * (0.99 * 4 + 0.01 * 20)
+    assert float(steps[4][1]["scale"]) == pytest.approx(upper / 20, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(steps[4][0][Q]), [0.6 * upper, 0.8 * upper], rtol=1e-5)
+    assert int(state.ema_count[0]) == 3
+    model = GroupModel(**aggc_options(variant=variant, high_mult=3.0, ema_init="first"))
+    for t, n in enumerate([0.0, 0.0, 4.0, 4.0, 20.0]):
+        assert model.step(n, t)["scale"] == pytest.approx(float(steps[t][1]["scale"]), rel=1e-6)
+
+
 def test_paper_variant_step_zero_clips_to_one_minus_beta_times_high() -> None:
     # docs/reference-behaviour.md §6 taken literally: S_0 = (1 - beta) n, so U_0 = (1 - beta) high n
     for beta in (0.9, 0.99):
