@@ -481,3 +481,20 @@ def test_what_the_runs_show_is_the_records(vendored):
     assert f"rescaled {100 * p['rescaled_fraction']:.1f}% of its (step, group) pairs" in doc
     assert p["kept_norm_median"] == pytest.approx(0.9, abs=1e-3)
     assert f"The study took {vendored['seconds']:.0f} s" in doc
+
+
+def test_the_docs_statement_about_a_vanishing_first_norm_holds():
+    # docs/paper-miniature-grpo.md says aggc() (as of ec9b22e) still starts its EMA at a
+    # first norm of 2.5e-10 and then holds a gradient of norm 2 near zero. If aggc()
+    # learns to skip such a start, this fails: update that sentence (and this test).
+    import aggc_optax
+
+    tx = aggc_optax.aggc()
+    params = {"model": {"q_proj": {"weight": jnp.zeros(4)}}}
+    state = tx.init(params)
+    for g in (2.5e-10 / 2, 1.0):  # per-entry values: norms 2.5e-10, then 2
+        grads = {"model": {"q_proj": {"weight": jnp.full(4, g)}}}
+        updates, state = tx.update(grads, state, params)
+    assert float(jnp.linalg.norm(updates["model"]["q_proj"]["weight"])) < 1e-6, (
+        "aggc() no longer stalls after a near-zero first norm: update the doc's sentence"
+    )
