@@ -216,6 +216,7 @@ def test_first_update_pg_loss_is_minus_mean_advantage_and_kl_zero(model):
 RECORD = os.path.join(ROOT, "docs", "data", "paper_grpo_results.json.gz")
 DOC = os.path.join(ROOT, "docs", "paper-miniature-grpo.md")
 CALIBRATION = os.path.join(ROOT, "docs", "data", "paper_grpo_calibration.json.gz")
+RERUN = os.path.join(ROOT, "docs", "data", "paper_grpo_aggc_rerun_ec9b22e.json.gz")
 
 
 def _acc(bits: str) -> float:
@@ -498,3 +499,15 @@ def test_the_docs_statement_about_a_vanishing_first_norm_holds():
     assert float(jnp.linalg.norm(updates["model"]["q_proj"]["weight"])) < 1e-6, (
         "aggc() no longer stalls after a near-zero first norm: update the doc's sentence"
     )
+
+
+def test_the_aggc_rerun_after_the_zero_first_fix_is_identical(vendored):
+    with gzip.open(RERUN, "rt") as f:
+        rerun = json.load(f)
+    assert list(rerun["methods"]) == ["aggc"]
+    assert rerun["policy"]["sha256"] == vendored["policy"]["sha256"]
+    assert rerun["setup"] == vendored["setup"]
+    study = {r["seed"]: r for r in vendored["runs"] if r["method"] == "aggc"}
+    for r in rerun["runs"]:
+        for key in ("reward", "kl", "pg_loss", "grad_norm", "clipped_norm", "eval"):
+            assert r[key] == study[r["seed"]][key], (r["seed"], key)
