@@ -11,6 +11,12 @@ r"""Ready-made AGGC settings: the authors' recipes and two known clippers.
   :math:`\epsilon = 10^{-12}`.
 * :func:`adagc`: AGGC with one group per tensor and only an upper bound, which
   is the per-tensor rule of AdaGC (Wang et al., 2025) after its warm-up.
+* :func:`zclip`: ZClip (Kumar et al., 2025), the global norm clipped when its
+  z-score against EMA statistics is an outlier.
+* :func:`skip_step`: wraps an optimizer and skips a step whose gradient norm
+  or loss is a rolling 6-sigma outlier (OLMo-core, Levanter).
+* :func:`group_zscore`: AGGC's groups with each upper bound at its own
+  ``mean + z * std`` (experimental; ``docs/spikes.md``).
 
 Example:
   >>> import optax
@@ -31,12 +37,15 @@ import optax
 
 from aggc_optax import _validation
 from aggc_optax._aggc import aggc
+from aggc_optax._group_zscore import GroupZScoreState, group_zscore
 from aggc_optax._labels import ParamLabels
 from aggc_optax._reference_options import (
     REFERENCE_DEFAULTS,
     InertOptionWarning,
     from_reference_options,
 )
+from aggc_optax._skip_step import SkipStepState, skip_step
+from aggc_optax._zclip import ZClipState, zclip
 
 #: The authors' LoRA SFT recipe (``LoRA/scripts/*/run_lora_AGGC.sh``), in the
 #: reference's option names.
@@ -370,4 +379,17 @@ def adagc(
     )
 
 
-__all__ = ["GRPO_OPTIONS", "LORA_SFT_OPTIONS", "adagc", "global_norm", "grpo", "lora_sft"]
+__all__ = [
+    "GRPO_OPTIONS",
+    "LORA_SFT_OPTIONS",
+    "GroupZScoreState",
+    "SkipStepState",
+    "ZClipState",
+    "adagc",
+    "global_norm",
+    "group_zscore",
+    "grpo",
+    "lora_sft",
+    "skip_step",
+    "zclip",
+]
