@@ -29,7 +29,7 @@ class SkipStepState(NamedTuple):
       losses: the ring buffer of past finite losses, ``[window]`` (zeros if no
         loss is passed).
       filled: how many entries of the buffers hold values (at most ``window``).
-      index: where the next value is written.
+      position: where the next value is written.
       count: updates so far.
       skipped: whether the last update was skipped.
       skip_count: how many updates were skipped so far.
@@ -42,7 +42,7 @@ class SkipStepState(NamedTuple):
     norms: jax.Array
     losses: jax.Array
     filled: jax.Array
-    index: jax.Array
+    position: jax.Array
     count: jax.Array  # type: ignore[assignment]  # NamedTuple field named like tuple.count
     skipped: jax.Array
     skip_count: jax.Array
@@ -133,7 +133,7 @@ def skip_step(
             norms=jnp.zeros((window,), jnp.float32),
             losses=jnp.zeros((window,), jnp.float32),
             filled=zero,
-            index=zero,
+            position=zero,
             count=zero,
             skipped=jnp.zeros((), bool),
             skip_count=zero,
@@ -169,10 +169,10 @@ def skip_step(
         write = finite  # only finite values enter the window
         new_state = SkipStepState(
             inner_state=inner_state,
-            norms=jnp.where(write, state.norms.at[state.index].set(norm), state.norms),
-            losses=jnp.where(write, state.losses.at[state.index].set(loss), state.losses),
+            norms=jnp.where(write, state.norms.at[state.position].set(norm), state.norms),
+            losses=jnp.where(write, state.losses.at[state.position].set(loss), state.losses),
             filled=jnp.where(write, jnp.minimum(state.filled + 1, window), state.filled),
-            index=jnp.where(write, (state.index + 1) % window, state.index),
+            position=jnp.where(write, (state.position + 1) % window, state.position),
             count=state.count + 1,
             skipped=skip,
             skip_count=state.skip_count + skip.astype(jnp.int32),

@@ -1,0 +1,165 @@
+"""The spike study (examples/spikes.py): its pipeline, and docs/spikes.md against its record.
+
+One ``--quick`` run feeds the pipeline tests. The vendored record of the full
+run (``docs/data/spikes_results.json.gz``) feeds the docs tests: every table
+in ``docs/spikes.md`` must be what ``--report-from`` makes of it, and every
+claim in the prose is recomputed here from the per-run losses, with the spike
+rule written out again in this file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+DOCS = os.path.join(os.path.dirname(EXAMPLES), "docs")
+
+
+def _load(name: str):
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    return importlib.import_module(name)
+
+
+spikes = _load("spikes")
+
+
+# --- the spike rule, written out independently -------------------------------
+
+
+def spikes_by_hand(loss, window=50, k=4.0):
+    """(onsets, steps lost): the rule of docs/spikes.md, in plain Python."""
+    onsets, lost, t = [], [], window
+    while t < len(loss):
+        if not math.isfinite(loss[t]):
+            return [*onsets, t], [*lost, len(loss) - t]
+        past = loss[t - window : t]
+        mean = sum(past) / window
+        std = math.sqrt(sum((x - mean) ** 2 for x in past) / window)
+        if loss[t] > mean + k * std:
+            end = next((u for u in range(t + 1, len(loss)) if loss[u] <= mean), len(loss))
+            onsets.append(t)
+            lost.append(end - t)
+            t = end
+            continue
+        t += 1
+    return onsets, lost
+
+
+def test_find_spikes_by_hand():
+    loss = [2.0 + 0.01 * (i % 3) for i in range(120)]
+    loss[70] = 3.0  # a spike: back below the mean at 73
+    loss[71], loss[72] = 2.6, 2.1
+    loss[100] = 2.5
+    got = spikes.find_spikes(loss)
+    assert got["onsets"] == [70, 100] and got["lost"] == [3, 1] and not got["nonfinite"]
+    assert (got["onsets"], got["lost"]) == spikes_by_hand(loss)
+    loss[110] = math.nan
+    got = spikes.find_spikes(loss)
+    assert got["onsets"] == [70, 100, 110] and got["lost"][-1] == 10 and got["nonfinite"]
+    assert spikes.find_spikes(loss[:50])["onsets"] == []  # no full window yet
+
+
+def test_find_spikes_agrees_with_the_hand_rule_on_noisy_losses():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        loss = (2 + 0.05 * rng.standard_normal(300)).tolist()
+        for t in rng.integers(50, 300, 4):
+            loss[t] += float(rng.uniform(0.1, 1.0))
+        got = spikes.find_spikes(loss)
+        assert (got["onsets"], got["lost"]) == spikes_by_hand(loss)
+
+
+def test_first_groups_by_hand():
+    labels = ["q_proj", "v_proj"]
+    steps = list(range(0, 80))
+    norms = [[1.0 + 0.01 * (s % 2), 1.0 + 0.01 * (s % 2)] for s in steps]
+    norms[58][1] = 5.0  # v_proj jumps 2 steps before the spike at 60
+    norms[60] = [5.0, 5.0]
+    run = {"trace_steps": steps, "trace_norms": norms}
+    assert spikes.first_groups(run, labels, 60) == ["v_proj"]
+    norms[58][1] = 1.0
+    assert spikes.first_groups(run, labels, 60) == ["q_proj", "v_proj"]
+    flat = {"trace_steps": steps, "trace_norms": [[1.0 + 0.01 * (s % 2)] * 2 for s in steps]}
+    assert spikes.first_groups(flat, labels, 60) == []
+
+
+# --- the pipeline, on a --quick run ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spikes")
+    spikes.main(["--quick", "--quiet", "--out", str(out)])
+    with open(out / "results.json") as f:
+        return out, json.load(f)
+
+
+def test_every_output_is_written_and_every_run_recorded(study):
+    out, saved = study
+    for name in ("results.json", "summary.md", "spikes_loss.png", "spikes_counts.png",
+                 "spikes_trace.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    p = saved["protocol"]
+    assert list(saved["methods"]) == list(spikes.QUICK_METHODS)
+    assert {(r["method"], r["seed"]) for r in saved["runs"]} == {
+        (m, s) for m in saved["methods"] for s in p["seeds"]
+    }
+    for run in saved["runs"]:
+        assert len(run["train_loss"]) == len(run["probe_loss"]) == p["steps"]
+        assert len(run["global_norm"]) == p["steps"]
+        assert run["heldout_curve"][0][0] == 0 and run["heldout_curve"][-1][0] == p["steps"]
+        assert len(run["rescaled_steps_by_group"]) == len(saved["labels"])
+
+
+def test_every_method_starts_from_the_same_weights_and_batches(study):
+    _, saved = study
+    first = {}
+    for run in saved["runs"]:
+        # same weights: the same held-out loss at step 0; same first batch and weights:
+        # the same first training loss and global norm (nothing has been applied yet)
+        key = (
+            run["heldout_curve"][0][1],
+            run["train_loss"][0],
+            run["probe_loss"][0],
+            run["global_norm"][0],
+        )
+        first.setdefault(run["seed"], set()).add(key)
+    assert all(len(v) == 1 for v in first.values()), first
+
+
+def test_adamw_never_rescales_and_skip_step_zeroes_whole_steps(study):
+    _, saved = study
+    for run in saved["runs"]:
+        if run["method"] == "adamw":
+            assert run["any_rescaled_steps"] == 0 and sum(run["rescaled_steps_by_group"]) == 0
+        if run["method"] == "skip_step":
+            # a skipped step has factor 0 for every group at once
+            counts = set(run["rescaled_steps_by_group"])
+            assert len(counts) == 1 and counts == {run["any_rescaled_steps"]}
+
+
+def test_report_from_rewrites_the_same_summary(study, tmp_path):
+    out, _ = study
+    spikes.main(["--report-from", str(out / "results.json"), "--out", str(tmp_path), "--quiet"])
+    assert (tmp_path / "summary.md").read_text() == (out / "summary.md").read_text()
+    assert (tmp_path / "spikes_trace.png").stat().st_size > 0
+
+
+def test_flag_errors():
+    with pytest.raises(SystemExit):
+        spikes.parse_args(["--methods", "adamw,nope"])
+    with pytest.raises(SystemExit):
+        spikes.parse_args(["--methods", "zclip"])  # no adamw to compare with
+    with pytest.raises(SystemExit):
+        spikes.parse_args(["--steps", "40"])  # not longer than the spike window
+    with pytest.raises(SystemExit):
+        spikes.parse_args(["--seeds", "1,1"])
