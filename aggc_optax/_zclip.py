@@ -94,10 +94,11 @@ def zclip(
 
       .. math::
         c_t = \Bigl(\mu + \frac{z_\text{thresh}^2}{z_t}\,\sigma\Bigr)\cdot
-        \text{clip\_factor} \quad\text{(``"adaptive_scaling"``), or }
-        c_t = \mu \quad\text{(``"mean"``)},
+        \text{clip\_factor}
 
-      so a larger outlier gets a tighter bound; otherwise :math:`c_t = n_t`.
+      with ``clip_option="adaptive_scaling"`` (the default), so a larger outlier
+      gets a tighter bound, or :math:`c_t = \mu` with ``clip_option="mean"``;
+      otherwise :math:`c_t = n_t`.
       The update is multiplied by :math:`\min(c_t, \text{max\_norm}) / (n_t
       + 10^{-6})` when :math:`n_t` exceeds that bound, and the statistics
       follow the clipped norm:

@@ -163,3 +163,76 @@ def test_flag_errors():
         spikes.parse_args(["--steps", "40"])  # not longer than the spike window
     with pytest.raises(SystemExit):
         spikes.parse_args(["--seeds", "1,1"])
+
+
+# --- docs/spikes.md against the run it reports -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def vendored():
+    with gzip.open(os.path.join(DOCS, "data", "spikes_results.json.gz"), "rt") as f:
+        record = json.load(f)
+    record["analysis"] = spikes.analyse(record)
+    return record
+
+
+def _doc_block(name):
+    doc = open(os.path.join(DOCS, "spikes.md")).read()
+    return doc.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
+
+
+def _as_subsections(summary):
+    return "\n".join(("#" + x if x.startswith("#") else x) for x in summary.splitlines()[1:])
+
+
+def test_docs_tables_are_the_vendored_runs_summary(vendored):
+    assert (
+        _doc_block("spikes-summary").strip() == _as_subsections(spikes.summary_md(vendored)).strip()
+    )
+    assert _doc_block("spikes-headline").strip() == spikes.headline_md(vendored).strip()
+
+
+def test_vendored_record_is_the_fixed_protocol(vendored):
+    p = vendored["protocol"]
+    full = spikes.FULL
+    for key in ("steps", "batch_size", "seq_len", "lr", "b1", "b2", "eps", "weight_decay",
+                "warmup_steps", "final_lr_ratio", "probe_windows", "eval_windows"):  # fmt: skip
+        assert p[key] == full[key], key
+    assert tuple(p["seeds"]) == full["seeds"] and len(p["seeds"]) >= 5
+    assert p["model"]["num_layers"] == full["layers"] and p["model"]["d_model"] == full["d_model"]
+    assert p["global_clip_better"] is None
+    assert list(vendored["methods"]) == list(spikes.default_methods(spikes.Protocol(**{
+        **{k: v for k, v in p.items() if k != "model"},
+        "seeds": tuple(p["seeds"]),
+        "model": spikes.ModelConfig(**p["model"]),
+    })))  # fmt: skip
+    assert vendored["spike_definition"] == {
+        "window": 50, "k": 4.0, "group_z": 4.0, "first_lookback": 5
+    }  # fmt: skip
+    assert vendored["num_params"] == 230_976 and not vendored["quick"]
+
+
+def test_vendored_spikes_recomputed_by_hand(vendored):
+    a = vendored["analysis"]["methods"]
+    seeds = vendored["protocol"]["seeds"]
+    for run in vendored["runs"]:
+        onsets, _ = spikes_by_hand(run["probe_loss"])
+        i = seeds.index(run["seed"])
+        assert a[run["method"]]["onsets_by_seed"][i] == onsets, (run["method"], run["seed"])
+    for m, e in a.items():
+        runs = [r for r in vendored["runs"] if r["method"] == m]
+        assert e["steps_lost"] == sum(sum(spikes_by_hand(r["probe_loss"])[1]) for r in runs)
+
+
+def test_vendored_final_losses_and_pairs_recomputed(vendored):
+    a = vendored["analysis"]
+    by = {(r["method"], r["seed"]): r["final_heldout"] for r in vendored["runs"]}
+    seeds = vendored["protocol"]["seeds"]
+    init = float(np.mean([r["heldout_curve"][0][1] for r in vendored["runs"]]))
+    assert a["loss_at_init"] == pytest.approx(init)
+    for m, e in a["methods"].items():
+        finals = np.array([by[(m, s)] for s in seeds])
+        assert e["final_mean"] == pytest.approx(finals.mean())
+        assert e["final_std"] == pytest.approx(finals.std(ddof=1))
+        assert e["better_than_adamw"] == sum(by[(m, s)] < by[("adamw", s)] - 1e-3 for s in seeds)
+        assert e["diverged_seeds"] == [s for s in seeds if not by[(m, s)] < init]
