@@ -19,6 +19,7 @@ import optax
 from aggc_optax import _labels, _validation
 from aggc_optax._aggc import EPS, GroupLabels
 from aggc_optax._labels import ParamLabels
+from aggc_optax._zclip import check_warmup_steps, running_moments
 
 
 class GroupZScoreState(NamedTuple):
@@ -102,8 +103,7 @@ def group_zscore(
     ema_beta = _validation.check_number(
         "ema_beta", ema_beta, minimum=0.0, maximum=1.0, maximum_exclusive=True
     )
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+    check_warmup_steps(warmup_steps)
     _labels.check_param_labels(param_labels)
 
     def init_fn(params: optax.Params) -> GroupZScoreState:
@@ -151,14 +151,9 @@ def group_zscore(
         scale = jnp.where(clipped, upper / (norm + EPS), 1.0).astype(jnp.float32)
         kept = jnp.where(clipped, upper, norm)
 
-        n = (state.seen + 1).astype(jnp.float32)
-        delta = norm - state.mean
-        warm_mean = state.mean + delta / n
-        warm_var = state.var + (delta * (norm - warm_mean) - state.var) / n
-        ema_mean = ema_beta * state.mean + (1 - ema_beta) * kept
-        ema_var = ema_beta * state.var + (1 - ema_beta) * jnp.square(kept - ema_mean)
-        mean = jnp.where(finite, jnp.where(warm, warm_mean, ema_mean), state.mean)
-        var = jnp.where(finite, jnp.where(warm, warm_var, ema_var), state.var)
+        mean, var = running_moments(state.mean, state.var, state.seen, norm, kept, ema_beta, warm)
+        mean = jnp.where(finite, mean, state.mean)
+        var = jnp.where(finite, var, state.var)
 
         out = []
         for group, leaf in zip(placement.groups, leaves):

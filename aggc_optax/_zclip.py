@@ -59,6 +59,36 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(squares[1:], squares[0])).astype(jnp.float32)
 
 
+def running_moments(
+    mean: jax.Array,
+    var: jax.Array,
+    seen: jax.Array,
+    norm: jax.Array,
+    followed: jax.Array,
+    beta: float,
+    warm: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """The mean and variance after one step: Welford's in the warm-up, EMAs after it.
+
+    In the warm-up ``norm`` is the ``seen + 1``-th value of a running mean and
+    population variance; after it the EMAs follow ``followed`` (the clipped
+    norm), the variance about the new mean.
+    """
+    n = (seen + 1).astype(mean.dtype)
+    delta = norm - mean
+    warm_mean = mean + delta / n
+    warm_var = var + (delta * (norm - warm_mean) - var) / n
+    ema_mean = beta * mean + (1 - beta) * followed
+    ema_var = beta * var + (1 - beta) * jnp.square(followed - ema_mean)
+    return jnp.where(warm, warm_mean, ema_mean), jnp.where(warm, warm_var, ema_var)
+
+
+def check_warmup_steps(warmup_steps: Any) -> int:
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+    return warmup_steps
+
+
 def scale_tree(tree: Any, factor: jax.Array) -> Any:
     """Every floating-point leaf times ``factor``, in its own dtype; the rest unchanged."""
 
@@ -149,8 +179,7 @@ def zclip(
     z_thresh = _positive("z_thresh", z_thresh)
     clip_factor = _positive("clip_factor", clip_factor)
     eps = _validation.check_number("eps", eps, minimum=0.0)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ValueError(f"warmup_steps must be an int >= 1, got {warmup_steps!r}")
+    check_warmup_steps(warmup_steps)
     if max_norm is not None:
         max_norm = _positive("max_norm", max_norm)
     if clip_option not in _MODES:
@@ -189,16 +218,12 @@ def zclip(
         clipped = finite & (norm > limit)
         scale = jnp.where(clipped, limit / (norm + CLIP_EPS), 1.0).astype(jnp.float32)
 
-        # Warm-up: Welford's running mean and population variance of the finite norms.
-        n = (state.seen + 1).astype(jnp.float32)
-        delta = norm - state.mean
-        warm_mean = state.mean + delta / n
-        warm_var = state.var + (delta * (norm - warm_mean) - state.var) / n
-        ema_mean = alpha * state.mean + (1 - alpha) * clip_value
-        ema_var = alpha * state.var + (1 - alpha) * jnp.square(clip_value - ema_mean)
+        mean, var = running_moments(
+            state.mean, state.var, state.seen, norm, clip_value, alpha, warm
+        )
         keep = ~finite | (spike & skip_update_on_spike)
-        mean = jnp.where(keep, state.mean, jnp.where(warm, warm_mean, ema_mean))
-        var = jnp.where(keep, state.var, jnp.where(warm, warm_var, ema_var))
+        mean = jnp.where(keep, state.mean, mean)
+        var = jnp.where(keep, state.var, var)
         new_state = ZClipState(
             count=state.count + 1,
             seen=jnp.where(finite & warm, state.seen + 1, state.seen),

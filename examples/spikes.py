@@ -55,6 +55,7 @@ from aggc_optax import presets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from progress import Progress
+from stability import make_eval
 from text_corpus import VOCAB_SIZE, load_corpus, window_starts, windows
 from train_lm import LlamaForCausalLM, ModelConfig, group_ids, group_norms, token_losses
 
@@ -190,13 +191,6 @@ def make_step(graphdef: Any, method: str, p: Protocol, ids: Sequence[int], g: in
 
     step = jax.vmap(one, in_axes=(0, 0, 0, None))
     return jax.jit(jax.vmap(init)), jax.jit(step, donate_argnums=(0, 1))
-
-
-def make_eval(graphdef: Any) -> Any:
-    def one(params: Any, tokens: jax.Array) -> jax.Array:
-        return jnp.mean(token_losses(nnx.merge(graphdef, params), tokens))
-
-    return jax.jit(jax.vmap(one, in_axes=(0, None)))
 
 
 @dataclasses.dataclass
