@@ -307,3 +307,16 @@ def test_group_zscore_rejects_bad_arguments_and_foreign_trees():
     state = tx.init({"q_proj": {"weight": jnp.zeros(1)}})
     with pytest.raises(ValueError, match="not the state's"):
         tx.update({"k_proj": {"weight": jnp.zeros(1)}}, state)
+
+
+def test_metrics_reads_a_skip_step_inside_a_chain_next_to_aggc():
+    params = {"q_proj": {"weight": jnp.ones(4)}}
+    tx = optax.chain(aggc_optax.aggc(), presets.skip_step(optax.sgd(0.1), window=4, min_history=2))
+    state = tx.init(params)
+    for g in (1.0, 1.0, 50.0):
+        _, state = tx.update({"q_proj": {"weight": jnp.full(4, g)}}, state, params)
+    m = aggc_optax.metrics(state)
+    # AGGC clipped the 50 (norm 100) to 3x its EMA of 2: the skip test saw 6, far above 2 + 6 * 0
+    assert m["aggc/q_proj/norm"] == pytest.approx(100.0)
+    assert m["aggc/skip_step/norm"] == pytest.approx(6.0, rel=1e-5)
+    assert m["aggc/skip_step/skipped"] == 1.0 and m["aggc/skip_step/skip_count"] == 1.0
