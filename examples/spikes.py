@@ -611,8 +611,9 @@ def plot_loss(record: dict[str, Any], path: str) -> None:
             ax.plot(loss, lw=0.5, color=colors[j], label=f"seed {s}")
             on = a[m]["onsets_by_seed"][j]
             ax.plot(on, loss[on], "v", color=colors[j], ms=5, mec="k", mew=0.4)
-        ax.set_title(f"{m}: {a[m]['spikes']} spikes", fontsize=9)
-        ax.set_ylim(1.0, 4.0)
+        n = a[m]["spikes"]
+        ax.set_title(f"{m}: {n} spike{'' if n == 1 else 's'}", fontsize=9)
+        ax.set_ylim(1.5, 3.5)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(True, alpha=0.3, lw=0.5)
     for j in range(len(methods), nrows * ncols):
