@@ -37,15 +37,18 @@ import optax
 
 from aggc_optax import _validation
 from aggc_optax._aggc import aggc
-from aggc_optax._group_zscore import GroupZScoreState, group_zscore
+from aggc_optax._group_zscore import GroupZScoreState as GroupZScoreState
+from aggc_optax._group_zscore import group_zscore
 from aggc_optax._labels import ParamLabels
 from aggc_optax._reference_options import (
     REFERENCE_DEFAULTS,
     InertOptionWarning,
     from_reference_options,
 )
-from aggc_optax._skip_step import SkipStepState, skip_step
-from aggc_optax._zclip import ZClipState, zclip
+from aggc_optax._skip_step import SkipStepState as SkipStepState
+from aggc_optax._skip_step import skip_step
+from aggc_optax._zclip import ZClipState as ZClipState
+from aggc_optax._zclip import zclip
 
 #: The authors' LoRA SFT recipe (``LoRA/scripts/*/run_lora_AGGC.sh``), in the
 #: reference's option names.
@@ -382,9 +385,6 @@ def adagc(
 __all__ = [
     "GRPO_OPTIONS",
     "LORA_SFT_OPTIONS",
-    "GroupZScoreState",
-    "SkipStepState",
-    "ZClipState",
     "adagc",
     "global_norm",
     "group_zscore",
