@@ -11,6 +11,12 @@ r"""Ready-made AGGC settings: the authors' recipes and two known clippers.
   :math:`\epsilon = 10^{-12}`.
 * :func:`adagc`: AGGC with one group per tensor and only an upper bound, which
   is the per-tensor rule of AdaGC (Wang et al., 2025) after its warm-up.
+* :func:`zclip`: ZClip (Kumar et al., 2025), the global norm clipped when its
+  z-score against EMA statistics is an outlier.
+* :func:`skip_step`: wraps an optimizer and skips a step whose gradient norm
+  or loss is a rolling 6-sigma outlier (OLMo-core, Levanter).
+* :func:`group_zscore`: AGGC's groups with each upper bound at its own
+  ``mean + z * std`` (experimental; ``docs/spikes.md``).
 
 Example:
   >>> import optax
@@ -28,6 +34,12 @@ import optax
 
 from aggc_optax import _validation
 from aggc_optax._aggc import aggc
+from aggc_optax.clippers.group_zscore import GroupZScoreState as GroupZScoreState
+from aggc_optax.clippers.group_zscore import group_zscore
+from aggc_optax.clippers.skip_step import SkipStepState as SkipStepState
+from aggc_optax.clippers.skip_step import skip_step
+from aggc_optax.clippers.zclip import ZClipState as ZClipState
+from aggc_optax.clippers.zclip import zclip
 from aggc_optax.labels import ParamLabels
 from aggc_optax.reference.recipes import GRPO_OPTIONS, LORA_SFT_OPTIONS, grpo, lora_sft
 
@@ -206,4 +218,14 @@ def adagc(
     )
 
 
-__all__ = ["GRPO_OPTIONS", "LORA_SFT_OPTIONS", "adagc", "global_norm", "grpo", "lora_sft"]
+__all__ = [
+    "GRPO_OPTIONS",
+    "LORA_SFT_OPTIONS",
+    "adagc",
+    "global_norm",
+    "group_zscore",
+    "grpo",
+    "lora_sft",
+    "skip_step",
+    "zclip",
+]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aggc_optax.monitoring._clipper_metrics import clipper_metrics
 from aggc_optax.monitoring._stats import cached_states, find_aggc_states, unbox
 
 # Per-group columns of the stacked array, in order.
@@ -111,6 +112,16 @@ def metrics(opt_state: Any, prefix: str = "aggc", labels: Any = None) -> dict[st
     - ``fraction_clipped`` / ``fraction_raised``: the share of groups clipped /
       raised at the step.
 
+    The package's other clippers add their own keys: ``f"{prefix}/zclip/{field}"``
+    (:func:`~aggc_optax.presets.zclip`: ``norm``, ``threshold``, ``scale``,
+    ``clipped``, ``mean``, ``std``, ``clip_count``),
+    ``f"{prefix}/skip_step/{field}"`` (:func:`~aggc_optax.presets.skip_step`:
+    ``norm``, ``threshold``, ``skipped``, ``skip_count``) and
+    ``f"{prefix}/group_zscore/{label}/{field}"``
+    (:func:`~aggc_optax.presets.group_zscore`: ``norm``, ``scale``, ``upper``,
+    ``mean``, ``std``, ``clipped``, ``clip_down_count``); a second state of one
+    kind gets its index after the kind.
+
     Before the first step norms and bounds read 0 and scales 1. The values are
     computed on device by one jitted function and fetched in one transfer, so a
     call costs about as much as fetching one array (well under a millisecond for
@@ -131,7 +142,8 @@ def metrics(opt_state: Any, prefix: str = "aggc", labels: Any = None) -> dict[st
       ``{key: float}``, groups in group order, then the per-state entries.
 
     Raises:
-      ValueError: no AGGC state is found in ``opt_state``.
+      ValueError: no AGGC, ZClip, skip-step or group z-score state is found in
+        ``opt_state``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, aggc_optax
@@ -148,8 +160,11 @@ def metrics(opt_state: Any, prefix: str = "aggc", labels: Any = None) -> dict[st
       >>> round(m["aggc/global_norm_after"], 5), round((6.0**2 + 2.0**2) ** 0.5, 5)
       (6.32456, 6.32456)
     """
+    others = clipper_metrics(opt_state, prefix)
     states = cached_states(opt_state) if labels is None else find_aggc_states(opt_state, labels)
     if not states:
+        if others:
+            return others
         raise ValueError(
             "metrics: no AGGC state found in opt_state (is aggc() part of the optimizer?)"
         )
@@ -162,7 +177,7 @@ def metrics(opt_state: Any, prefix: str = "aggc", labels: Any = None) -> dict[st
     keys = _keys(prefixes, tuple(tuple(s.labels) for s in states))
     out = dict(zip(keys, np.asarray(values).tolist()))
     _say_restarts(out, prefixes, states)
-    return out
+    return out | others
 
 
 def _say_restarts(out: dict[str, float], prefixes: tuple[str, ...], states: list[Any]) -> None:
