@@ -156,6 +156,12 @@ def _overflow_shift(dtype: Any) -> int:
     return (int(jnp.finfo(dtype).maxexp) + 64) // 2
 
 
+#: Leaves up to this many entries are stacked by shape and dtype in the overflow
+#: rescue (one reduction per stack, not per leaf: with many small leaves, compile
+#: time); larger leaves are reduced one by one, so no gradient-sized copy is made.
+_STACK_ENTRIES = 1 << 16
+
+
 def _rescued_norms(
     placement: Placement, counted: list[Any], across_devices: AcrossDevices
 ) -> jax.Array:
@@ -166,31 +172,55 @@ def _rescued_norms(
     """
     dtype = stats_dtype()
     groups = [g for g, c in zip(placement.groups, placement.counted) if c]
-    parts: list[list[tuple[int, jax.Array]]] = [[] for _ in placement.labels]
-    for group, leaf in zip(groups, counted):
-        op_dtype = compute_dtype(leaf.dtype)
-        shift = _overflow_shift(op_dtype)
-        # The factor passes through an optimization barrier with the leaf: as a
-        # bare constant, XLA:CPU would materialise its broadcast to the leaf's
-        # shape, a gradient-sized buffer shared by the leaves of that shape.
-        factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaf))
-        scaled = jnp.sum(jnp.square(leaf.astype(op_dtype) * factor)).astype(dtype)
-        parts[group].append((shift, scaled))
-    shifts = [max(k for k, _ in p) for p in parts]
-    totals = []
-    for shift, p in zip(shifts, parts):
-        acc = jnp.zeros((), dtype)
-        for k, part in p:
-            # to the group's common shift (only a mixed float32/float64 group
-            # differs): a power of two, exact
-            acc = acc + (part if k == shift else part * jnp.asarray(4.0 ** (k - shift), dtype))
-        totals.append(acc)
-    total = jnp.stack(totals)
+    shifts = [_overflow_shift(compute_dtype(leaf.dtype)) for leaf in counted]
+    # each group's common shift: only a mixed float32/float64 group has two
+    group_shift = [0] * len(placement.labels)
+    for group, shift in zip(groups, shifts):
+        group_shift[group] = max(group_shift[group], shift)
+    total = jnp.zeros((len(placement.labels),), dtype)
+    for members in _stacks(counted):
+        sums = _scaled_square_sums([counted[i] for i in members], shifts[members[0]])
+        # to the group's common shift: a power of two, exact
+        to_group = [4.0 ** (shifts[i] - group_shift[groups[i]]) for i in members]
+        if any(w != 1.0 for w in to_group):
+            sums = sums * jnp.asarray(to_group, dtype)
+        total = _add_by_group(total, sums.astype(dtype), [groups[i] for i in members])
     if across_devices is not None:
         total = across_devices(total)
     # A norm beyond the stats dtype's range (float32: 3.4e38) is inf: the group is
     # then non-finite, as for an inf entry.
-    return jnp.sqrt(total) * jnp.asarray([2.0**k for k in shifts], dtype)
+    return jnp.sqrt(total) * jnp.asarray([2.0**k for k in group_shift], dtype)
+
+
+def _stacks(leaves: list[Any]) -> list[list[int]]:
+    """Indices of ``leaves`` in stacks: small leaves by shape and dtype, large ones alone."""
+    stacks: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        small = int(np.prod(leaf.shape, dtype=np.int64)) <= _STACK_ENTRIES
+        stacks.setdefault((leaf.shape, leaf.dtype) if small else i, []).append(i)
+    return list(stacks.values())
+
+
+def _scaled_square_sums(leaves: list[Any], shift: int) -> jax.Array:
+    """``sum((x * 2**-shift)**2)`` of each of ``leaves`` (one shape and dtype), ``[len]``."""
+    op_dtype = compute_dtype(leaves[0].dtype)
+    stacked = leaves[0][None] if len(leaves) == 1 else jnp.stack(leaves)
+    # The factor passes through an optimization barrier with the leaves: as a
+    # bare constant, XLA:CPU would materialise its broadcast to their shape, a
+    # gradient-sized buffer.
+    factor, stacked = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), stacked))
+    axes = tuple(range(1, stacked.ndim))
+    return jnp.sum(jnp.square(stacked.astype(op_dtype) * factor), axis=axes)
+
+
+def _add_by_group(total: jax.Array, sums: jax.Array, groups: list[int]) -> jax.Array:
+    """``total[g] += sums[i]`` for ``g = groups[i]``, in a fixed order (no racing scatter)."""
+    if len(set(groups)) == len(groups):  # distinct groups: no two updates meet
+        return total.at[np.asarray(groups)].add(sums)
+    for group in dict.fromkeys(groups):
+        members = np.asarray([i for i, g in enumerate(groups) if g == group])
+        total = total.at[group].add(jnp.sum(sums[members]))
+    return total
 
 
 def across_devices(axis_name: Any, *, mean: bool) -> AcrossDevices:
