@@ -156,10 +156,12 @@ def _overflow_shift(dtype: Any) -> int:
     return (int(jnp.finfo(dtype).maxexp) + 64) // 2
 
 
-#: Leaves up to this many entries are stacked by shape and dtype in the overflow
-#: rescue (one reduction per stack, not per leaf: with many small leaves, compile
-#: time); larger leaves are reduced one by one, so no gradient-sized copy is made.
-_STACK_ENTRIES = 1 << 16
+#: In the overflow rescue, leaves of at most this many entries are reduced together,
+#: by shape, dtype and sharding, up to this many entries at a time: one variadic
+#: reduction instead of one per leaf (compile time with many small leaves), with no
+#: copy of the leaves. Larger leaves are reduced one by one.
+_STACK_ENTRIES = 1 << 14
+_STACK_CAP = 1 << 18
 
 
 def _rescued_norms(
@@ -193,24 +195,44 @@ def _rescued_norms(
 
 
 def _stacks(leaves: list[Any]) -> list[list[int]]:
-    """Indices of ``leaves`` in stacks: small leaves by shape and dtype, large ones alone."""
+    """Indices of ``leaves`` reduced together: small ones by shape, dtype and sharding.
+
+    The sharding is part of the key because the operands of one reduction must
+    share it (under a mesh with explicit axes, mixing them is refused).
+    """
     stacks: dict[Any, list[int]] = {}
+    done: list[list[int]] = []
     for i, leaf in enumerate(leaves):
-        small = int(np.prod(leaf.shape, dtype=np.int64)) <= _STACK_ENTRIES
-        stacks.setdefault((leaf.shape, leaf.dtype) if small else i, []).append(i)
-    return list(stacks.values())
+        size = int(np.prod(leaf.shape, dtype=np.int64))
+        if size > _STACK_ENTRIES:
+            done.append([i])
+            continue
+        key = (leaf.shape, leaf.dtype, getattr(jax.typeof(leaf), "sharding", None))
+        stack = stacks.setdefault(key, [])
+        if (len(stack) + 1) * size > _STACK_CAP:
+            done.append(stack)
+            stack = stacks[key] = []
+        stack.append(i)
+    return done + [s for s in stacks.values() if s]
 
 
 def _scaled_square_sums(leaves: list[Any], shift: int) -> jax.Array:
-    """``sum((x * 2**-shift)**2)`` of each of ``leaves`` (one shape and dtype), ``[len]``."""
+    """``sum((x * 2**-shift)**2)`` of each of ``leaves`` (one shape and dtype), ``[len]``.
+
+    One variadic reduction over all of them: no stacked copy, one kernel.
+    """
     op_dtype = compute_dtype(leaves[0].dtype)
-    stacked = leaves[0][None] if len(leaves) == 1 else jnp.stack(leaves)
     # The factor passes through an optimization barrier with the leaves: as a
-    # bare constant, XLA:CPU would materialise its broadcast to their shape, a
-    # gradient-sized buffer.
-    factor, stacked = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), stacked))
-    axes = tuple(range(1, stacked.ndim))
-    return jnp.sum(jnp.square(stacked.astype(op_dtype) * factor), axis=axes)
+    # bare constant, XLA:CPU would materialise its broadcast to their shape.
+    factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaves))
+    scaled = tuple(jnp.square(x.astype(op_dtype) * factor) for x in leaves)
+    zeros = tuple(jnp.zeros((), op_dtype) for _ in leaves)
+
+    def add(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        return tuple(x + y for x, y in zip(a, b))
+
+    sums = jax.lax.reduce(scaled, zeros, add, tuple(range(leaves[0].ndim)))
+    return jnp.stack(sums)
 
 
 def _add_by_group(total: jax.Array, sums: jax.Array, groups: list[int]) -> jax.Array:
