@@ -774,6 +774,22 @@ def _per_leaf(name: str) -> str:
     return name
 
 
+def _run_small_tree(
+    tensors: Sequence[tuple[str, tuple[int, ...]]],
+    variants: dict[str, tuple[str, dict[str, Any] | None]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """:func:`run_updates` in float32 with the scaling runs' repeats."""
+    return run_updates(
+        tensors,
+        jnp.float32,
+        variants=variants,
+        repeats=args.scaling_repeats,
+        warmup=args.warmup,
+        compile_repeats=args.scaling_compile_repeats,
+    )
+
+
 def bench_group_scaling(args: argparse.Namespace) -> dict[str, Any]:
     shape = scaling_shape(args.group_leaves)
     tensors = shape.tensors()
@@ -785,14 +801,7 @@ def bench_group_scaling(args: argparse.Namespace) -> dict[str, Any]:
         "aggc_per_leaf": ("aggc", {"param_labels": _per_leaf}),
     }
     t0 = time.perf_counter()
-    u = run_updates(
-        tensors,
-        jnp.float32,
-        variants=variants,
-        repeats=args.scaling_repeats,
-        warmup=args.warmup,
-        compile_repeats=args.scaling_compile_repeats,
-    )
+    u = _run_small_tree(tensors, variants, args)
     g = u["global"]
     rows = []
     for k, title in (
@@ -890,14 +899,7 @@ def bench_many_leaves(args: argparse.Namespace) -> dict[str, Any]:
         "per_leaf": ("aggc", {"param_labels": _per_leaf}),
         "12_groups": ("aggc", {"param_labels": _twelve_groups}),
     }
-    u = run_updates(
-        tensors,
-        jnp.float32,
-        variants=variants,
-        repeats=args.scaling_repeats,
-        warmup=args.warmup,
-        compile_repeats=args.scaling_compile_repeats,
-    )
+    u = _run_small_tree(tensors, variants, args)
     small: dict[str, Any] = {"leaves": len(tensors), "params": n_params, "variants": {}}
     for k in ("per_leaf", "12_groups"):
         small["variants"][k] = {

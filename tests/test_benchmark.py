@@ -24,14 +24,12 @@ SCRIPT = ROOT / "examples" / "benchmark.py"
 GOAL_STATUSES = {"met", "MISSED", "not measured"}
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]:
-    out = tmp_path_factory.mktemp("benchmark")
+def _run_benchmark(*flags: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out-dir", str(out)],
+        [sys.executable, str(SCRIPT), *flags],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -39,6 +37,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]:
+    out = tmp_path_factory.mktemp("benchmark")
+    proc = _run_benchmark("--quick", "--out-dir", str(out))
     result = json.loads((out / "benchmark.json").read_text())
     markdown = (out / "benchmark.md").read_text()
     return result, markdown, proc.stdout
@@ -154,18 +159,7 @@ def test_markdown_tables_are_well_formed_and_match_the_json(quick_run):
 
 
 def test_many_leaves_mode_prints_per_round_ratios_from_its_own_samples(tmp_path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--many-leaves", "28", "--out-dir", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run_benchmark("--quick", "--many-leaves", "28", "--out-dir", str(tmp_path))
     result = json.loads((tmp_path / "many_leaves.json").read_text())
     small = result["small_leaves"]
     assert small["leaves"] == 28 and small["params"] == 4 * (
