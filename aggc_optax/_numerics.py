@@ -168,6 +168,14 @@ def _overflow_shift(dtype: Any) -> int:
     return (int(jnp.finfo(dtype).maxexp) + 64) // 2
 
 
+#: In the overflow rescue, leaves of at most this many entries are reduced together,
+#: by shape, dtype and sharding, up to this many entries at a time: one variadic
+#: reduction instead of one per leaf (compile time with many small leaves), with no
+#: copy of the leaves. Larger leaves are reduced one by one.
+_STACK_ENTRIES = 1 << 14
+_STACK_CAP = 1 << 18
+
+
 def _rescued_norms(
     placement: Placement, counted: list[Any], axes: list[Any], across_devices: AcrossDevices
 ) -> jax.Array:
@@ -177,38 +185,71 @@ def _rescued_norms(
     inf entry gives a non-finite sum, as in the plain norm.
     """
     dtype = stats_dtype()
-    leaves = iter(counted)
-    shifted: list[tuple[int, jax.Array] | None] = []
-    for is_counted in placement.counted:
-        if not is_counted:
-            shifted.append(None)
-            continue
-        leaf = next(leaves)
-        op_dtype = compute_dtype(leaf.dtype)
-        shift = _overflow_shift(op_dtype)
-        # The factor passes through an optimization barrier with the leaf: as a
-        # bare constant, XLA:CPU would materialise its broadcast to the leaf's
-        # shape, a gradient-sized buffer shared by the leaves of that shape.
-        factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaf))
-        shifted.append((shift, jnp.sum(jnp.square(leaf.astype(op_dtype) * factor)).astype(dtype)))
-    shifts = [
-        max(e[0] for g, e in zip(placement.groups, shifted) if g == group and e is not None)
-        for group in range(len(placement.labels))
-    ]
-    # each to its group's common shift (only a mixed float32/float64 group
-    # differs): a power of two, exact
-    squares = [
-        None
-        if entry is None
-        else entry[1]
-        if entry[0] == shifts[group]
-        else entry[1] * jnp.asarray(4.0 ** (entry[0] - shifts[group]), dtype)
-        for group, entry in zip(placement.groups, shifted)
-    ]
+    groups = [g for g, c in zip(placement.groups, placement.counted) if c]
+    counted_axes = [a for a, c in zip(axes, placement.counted) if c]
+    shifts = [_overflow_shift(compute_dtype(leaf.dtype)) for leaf in counted]
+    # each group's common shift: only a mixed float32/float64 group has two
+    group_shift = [0] * len(placement.labels)
+    for group, shift in zip(groups, shifts):
+        group_shift[group] = max(group_shift[group], shift)
+    per_leaf: list[jax.Array | None] = [None] * len(counted)
+    for members in _stacks(counted, counted_axes):
+        sums = _scaled_square_sums([counted[i] for i in members], shifts[members[0]])
+        for j, i in enumerate(members):
+            # to the group's common shift: a power of two, exact
+            weight = 4.0 ** (shifts[i] - group_shift[groups[i]])
+            leaf_sum = sums[j].astype(dtype)
+            per_leaf[i] = leaf_sum if weight == 1.0 else leaf_sum * jnp.asarray(weight, dtype)
+    in_order = iter(per_leaf)
+    squares = [next(in_order) if c else None for c in placement.counted]
+    # each leaf reduced over the mesh axes it varies over (_devices.reduced_totals)
     total = _sum_groups(placement, squares, axes, across_devices, from_zero=True)
     # A norm beyond the stats dtype's range (float32: 3.4e38) is inf: the group is
     # then non-finite, as for an inf entry.
-    return jnp.sqrt(total) * jnp.asarray([2.0**k for k in shifts], dtype)
+    return jnp.sqrt(total) * jnp.asarray([2.0**k for k in group_shift], dtype)
+
+
+def _stacks(leaves: list[Any], axes: list[Any]) -> list[list[int]]:
+    """Indices of ``leaves`` reduced together: small ones by shape, dtype, sharding and axes.
+
+    The sharding is part of the key because the operands of one reduction must
+    share it (under a mesh with explicit axes, mixing them is refused); the mesh
+    axes a leaf varies over (``axes``) because each leaf's sum is reduced over
+    its own.
+    """
+    stacks: dict[Any, list[int]] = {}
+    done: list[list[int]] = []
+    for i, (leaf, leaf_axes) in enumerate(zip(leaves, axes)):
+        size = int(np.prod(leaf.shape, dtype=np.int64))
+        if size > _STACK_ENTRIES:
+            done.append([i])
+            continue
+        key = (leaf.shape, leaf.dtype, getattr(jax.typeof(leaf), "sharding", None), leaf_axes)
+        stack = stacks.setdefault(key, [])
+        if (len(stack) + 1) * size > _STACK_CAP:
+            done.append(stack)
+            stack = stacks[key] = []
+        stack.append(i)
+    return done + [s for s in stacks.values() if s]
+
+
+def _scaled_square_sums(leaves: list[Any], shift: int) -> jax.Array:
+    """``sum((x * 2**-shift)**2)`` of each of ``leaves`` (one shape and dtype), ``[len]``.
+
+    One variadic reduction over all of them: no stacked copy, one kernel.
+    """
+    op_dtype = compute_dtype(leaves[0].dtype)
+    # The factor passes through an optimization barrier with the leaves: as a
+    # bare constant, XLA:CPU would materialise its broadcast to their shape.
+    factor, _ = jax.lax.optimization_barrier((jnp.asarray(2.0**-shift, op_dtype), leaves))
+    scaled = tuple(jnp.square(x.astype(op_dtype) * factor) for x in leaves)
+    zeros = tuple(jnp.zeros((), op_dtype) for _ in leaves)
+
+    def add(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        return tuple(x + y for x, y in zip(a, b))
+
+    sums = jax.lax.reduce(scaled, zeros, add, tuple(range(leaves[0].ndim)))
+    return jnp.stack(sums)
 
 
 def _sum_groups(

@@ -774,6 +774,22 @@ def _per_leaf(name: str) -> str:
     return name
 
 
+def _run_small_tree(
+    tensors: Sequence[tuple[str, tuple[int, ...]]],
+    variants: dict[str, tuple[str, dict[str, Any] | None]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """:func:`run_updates` in float32 with the scaling runs' repeats."""
+    return run_updates(
+        tensors,
+        jnp.float32,
+        variants=variants,
+        repeats=args.scaling_repeats,
+        warmup=args.warmup,
+        compile_repeats=args.scaling_compile_repeats,
+    )
+
+
 def bench_group_scaling(args: argparse.Namespace) -> dict[str, Any]:
     shape = scaling_shape(args.group_leaves)
     tensors = shape.tensors()
@@ -785,14 +801,7 @@ def bench_group_scaling(args: argparse.Namespace) -> dict[str, Any]:
         "aggc_per_leaf": ("aggc", {"param_labels": _per_leaf}),
     }
     t0 = time.perf_counter()
-    u = run_updates(
-        tensors,
-        jnp.float32,
-        variants=variants,
-        repeats=args.scaling_repeats,
-        warmup=args.warmup,
-        compile_repeats=args.scaling_compile_repeats,
-    )
+    u = _run_small_tree(tensors, variants, args)
     g = u["global"]
     rows = []
     for k, title in (
@@ -832,6 +841,127 @@ def bench_group_scaling(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     return out
+
+
+# --------------------------------------------------------------------------- many small leaves
+
+#: The many-leaves tree: seven small shapes in turn (about 2,180 entries a leaf,
+#: so 1,000 leaves hold about 2.2M parameters), where per-leaf work dominates.
+MANY_LEAF_SHAPES: tuple[tuple[int, ...], ...] = (
+    (48, 48),
+    (48, 128),
+    (128, 48),
+    (48,),
+    (96,),
+    (16, 16),
+    (256,),
+)
+MANY_LEAF_GROUPS = 12
+#: The ceilings issue 22 sets against optax.clip_by_global_norm (+ AdamW).
+MANY_LEAF_GOALS = {
+    "per_leaf": {"compile": 2.0, "update": 1.5},
+    "12_groups": {"compile": 1.3, "update": 1.3},
+}
+
+
+def many_leaf_tensors(leaves: int) -> list[tuple[str, tuple[int, ...]]]:
+    """``leaves`` leaves named like a model's, cycling through :data:`MANY_LEAF_SHAPES`."""
+    n = len(MANY_LEAF_SHAPES)
+    return [(f"model.blocks.{i // n}.w{i % n}", MANY_LEAF_SHAPES[i % n]) for i in range(leaves)]
+
+
+def _twelve_groups(name: str) -> str:
+    return f"g{int(name.split('.')[2]) % MANY_LEAF_GROUPS}"
+
+
+def _per_round(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    ratios = [x / y for x, y in zip(a, b)]
+    return {"per_round": ratios, "median": _median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def bench_many_leaves(args: argparse.Namespace) -> dict[str, Any]:
+    """Compile and update of many small leaves, and the large tree's step and memory.
+
+    Every ratio is aggc_optax over ``optax.clip_by_global_norm``, both chained
+    with AdamW, taken per round (the variants run in turn, the order rotating)
+    and summarised by its median: the machine's load changes between rounds,
+    much less within one.
+    """
+    tensors = many_leaf_tensors(args.many_leaves)
+    n_params = sum(math.prod(s) for _, s in tensors)
+    print(
+        f"[many leaves] {len(tensors)} leaves, {len(MANY_LEAF_SHAPES)} shapes, "
+        f"{_human(n_params)} params",
+        flush=True,
+    )
+    variants = {
+        "global": ("global", None),
+        "per_leaf": ("aggc", {"param_labels": _per_leaf}),
+        "12_groups": ("aggc", {"param_labels": _twelve_groups}),
+    }
+    u = _run_small_tree(tensors, variants, args)
+    small: dict[str, Any] = {"leaves": len(tensors), "params": n_params, "variants": {}}
+    for k in ("per_leaf", "12_groups"):
+        small["variants"][k] = {
+            "groups": u[k]["groups"],
+            "compile": _per_round(u[k]["compile_s"], u["global"]["compile_s"]),
+            "update": _per_round(u[k]["step_s"], u["global"]["step_s"]),
+            "compile_s": u[k]["compile_s"],
+            "step_median_s": u[k]["step_median_s"],
+        }
+    small["global"] = {
+        "compile_s": u["global"]["compile_s"],
+        "step_median_s": u["global"]["step_median_s"],
+    }
+    large_name = args.sizes[0]
+    shape = SIZES[large_name]
+    print(f"[many leaves] large tree {large_name}: {_human(shape.num_params())} params", flush=True)
+    v = run_updates(
+        shape.tensors(),
+        jnp.float32,
+        variants={"global": ("global", None), "aggc": ("aggc", None)},
+        repeats=args.repeats,
+        warmup=args.warmup,
+        compile_repeats=1,
+    )
+    temp = {k: v[k]["memory"].get("temp_bytes") for k in v}
+    large = {
+        "size": large_name,
+        "params": shape.num_params(),
+        "step": _per_round(v["aggc"]["step_s"], v["global"]["step_s"]),
+        "temp_bytes": temp,
+        "temp_excess_bytes": None if None in temp.values() else temp["aggc"] - temp["global"],
+    }
+    return {"small_leaves": small, "large_tree": large}
+
+
+def print_many_leaves(result: dict[str, Any]) -> None:
+    small, large = result["small_leaves"], result["large_tree"]
+    print(
+        f"\naggc_optax / optax.clip_by_global_norm (both + AdamW), median of per-round "
+        f"ratios [min-max], {small['leaves']} leaves of {len(MANY_LEAF_SHAPES)} shapes, "
+        f"{_human(small['params'])} params:"
+    )
+    for k, title in (("per_leaf", "one group per leaf"), ("12_groups", "12 groups")):
+        row = small["variants"][k]
+        goal = MANY_LEAF_GOALS[k]
+        for what in ("compile", "update"):
+            r = row[what]
+            print(
+                f"  {title:>18} {what:>7}: {r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}]"
+                f" (goal <= {goal[what]}x: {'met' if r['median'] <= goal[what] else 'MISSED'})"
+            )
+    step = large["step"]
+    print(
+        f"  {large['size']:>18} step   : {step['median']:.3f}x "
+        f"[{step['min']:.3f}-{step['max']:.3f}]"
+    )
+    t = large["temp_bytes"]
+    if large["temp_excess_bytes"] is not None:
+        print(
+            f"  {large['size']:>18} temp   : aggc {t['aggc'] / MIB:.1f} MiB, global "
+            f"{t['global'] / MIB:.1f} MiB ({large['temp_excess_bytes'] / MIB:+.1f} MiB)"
+        )
 
 
 # --------------------------------------------------------------------------- goals
@@ -1502,6 +1632,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--metrics-only", action="store_true", help="only time aggc_optax.metrics() and exit"
     )
     p.add_argument(
+        "--many-leaves",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only the many-small-leaves check: N leaves (issue 22: 1000) against "
+        "clip_by_global_norm, and the first --sizes tree (134m) step and memory",
+    )
+    p.add_argument(
         "--settle",
         type=float,
         default=None,
@@ -1589,6 +1727,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if args.metrics_only:
         return {"metrics_logging": bench_metrics(args)}
+    if args.many_leaves is not None:
+        if args.many_leaves < 1:
+            raise SystemExit(f"--many-leaves must be >= 1, got {args.many_leaves}")
+        if args.sizes == list(DEFAULT_SIZES[args.device]):
+            args.sizes = ["7m" if args.quick else "134m"]
+        many = bench_many_leaves(args)
+        many["command"] = " ".join(
+            ["python", "examples/benchmark.py", *(sys.argv[1:] if argv is None else list(argv))]
+        )
+        many["environment"] = env
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "many_leaves.json"), "w") as f:
+            json.dump(_jsonable(many), f, indent=1, allow_nan=False)
+        print_many_leaves(many)
+        return many
     bw = measure_copy_bandwidth(args.bandwidth_mib << 20, repeats=10)
     print(f"copy bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
 

@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 import re
+import statistics
 import subprocess
 import sys
 
@@ -23,14 +24,12 @@ SCRIPT = ROOT / "examples" / "benchmark.py"
 GOAL_STATUSES = {"met", "MISSED", "not measured"}
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]:
-    out = tmp_path_factory.mktemp("benchmark")
+def _run_benchmark(*flags: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out-dir", str(out)],
+        [sys.executable, str(SCRIPT), *flags],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -38,6 +37,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, str]:
+    out = tmp_path_factory.mktemp("benchmark")
+    proc = _run_benchmark("--quick", "--out-dir", str(out))
     result = json.loads((out / "benchmark.json").read_text())
     markdown = (out / "benchmark.md").read_text()
     return result, markdown, proc.stdout
@@ -150,3 +156,26 @@ def test_markdown_tables_are_well_formed_and_match_the_json(quick_run):
     assert row["global+adamw ms"] == f"{1e3 * updates['global']['step_median_s']:.2f}"
     goal_table = tables[-1]
     assert len(goal_table) - 2 == len(result["goals"])
+
+
+def test_many_leaves_mode_prints_per_round_ratios_from_its_own_samples(tmp_path) -> None:
+    proc = _run_benchmark("--quick", "--many-leaves", "28", "--out-dir", str(tmp_path))
+    result = json.loads((tmp_path / "many_leaves.json").read_text())
+    small = result["small_leaves"]
+    assert small["leaves"] == 28 and small["params"] == 4 * (
+        2304 + 6144 + 6144 + 48 + 96 + 256 + 256
+    )
+    assert small["variants"]["per_leaf"]["groups"] == 28
+    assert small["variants"]["12_groups"]["groups"] == 4  # 4 blocks of 7 leaves: g0..g3
+    for name, row in small["variants"].items():
+        compile_ratios = [a / b for a, b in zip(row["compile_s"], small["global"]["compile_s"])]
+        assert row["compile"]["per_round"] == pytest.approx(compile_ratios)
+        assert row["compile"]["median"] == pytest.approx(statistics.median(compile_ratios))
+        assert len(row["update"]["per_round"]) == 5  # --quick: 5 timed rounds
+        assert all(_positive(r) for r in row["update"]["per_round"])
+        line = f"{'one group per leaf' if name == 'per_leaf' else '12 groups':>18} compile"
+        assert f"{line}: {row['compile']['median']:.2f}x" in proc.stdout
+    large = result["large_tree"]
+    assert large["size"] == "7m" and _positive(large["step"]["median"])
+    assert large["temp_excess_bytes"] == large["temp_bytes"]["aggc"] - large["temp_bytes"]["global"]
+    assert f"step   : {large['step']['median']:.3f}x" in proc.stdout
