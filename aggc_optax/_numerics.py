@@ -233,8 +233,8 @@ def _stacks(leaves: list[Any], axes: list[Any]) -> list[list[int]]:
     return done + [s for s in stacks.values() if s]
 
 
-def _scaled_square_sums(leaves: list[Any], shift: int) -> jax.Array:
-    """``sum((x * 2**-shift)**2)`` of each of ``leaves`` (one shape and dtype), ``[len]``.
+def _scaled_square_sums(leaves: list[Any], shift: int) -> list[jax.Array]:
+    """``sum((x * 2**-shift)**2)`` of each of ``leaves`` (one shape and dtype), in order.
 
     One variadic reduction over all of them: no stacked copy, one kernel.
     """
@@ -248,8 +248,7 @@ def _scaled_square_sums(leaves: list[Any], shift: int) -> jax.Array:
     def add(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         return tuple(x + y for x, y in zip(a, b))
 
-    sums = jax.lax.reduce(scaled, zeros, add, tuple(range(leaves[0].ndim)))
-    return jnp.stack(sums)
+    return list(jax.lax.reduce(scaled, zeros, add, tuple(range(leaves[0].ndim))))
 
 
 def _sum_groups(
