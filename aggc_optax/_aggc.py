@@ -133,7 +133,9 @@ def _taken(
     out of its range at run time (injected or from a schedule), is skipped for
     that group (its gradients pass through, its EMA is kept). A non-finite EMA
     (e.g. from a restore) is detected: that step is skipped too and the group's
-    EMA is reset, so the next step starts it over as if never updated.
+    EMA is reset, so the next step starts it over as if never updated. With
+    ``ema_init="first"`` a group whose EMA has not started and whose gradient is
+    all zero is not taken either (:func:`_awaiting_first_norm`).
     """
     if config.quirks.nonfinite_as_is:
         taken, restart = jnp.ones(norm.shape, bool), None
