@@ -67,7 +67,7 @@ PROTOCOL: dict[str, Any] = {
     "test_problems": 300,
     "data_seed": 0,
     "seq_len": 128,
-    "steps": 500,
+    "steps": 1200,
     "batch_size": 8,
     "lr": 1e-2,
     "full_ft_lr": 1e-3,

@@ -1,4 +1,4 @@
-"""Find a spike regime with AdamW alone: a grid of (peak lr, beta2) x seeds, no clipping.
+"""Find a spike regime with AdamW alone: a grid of (peak lr, beta2, lr floor) x seeds, no clipping.
 
 The regime search behind ``docs/spikes.md``: every (rate, beta2, seed) run trains
 together under ``jax.vmap`` (AdamW only, so one program), on the stdlib corpus, with
@@ -31,10 +31,11 @@ from text_corpus import VOCAB_SIZE, load_corpus, window_starts, windows
 from train_lm import LlamaForCausalLM, ModelConfig, token_losses
 
 
-def lr_shape(step: jax.Array, steps: int, warmup: int) -> jax.Array:
+def lr_shape(step: jax.Array, steps: int, warmup: int, floor: jax.Array | float) -> jax.Array:
+    """Linear warm-up, then cosine decay to ``floor`` times the peak (1.0: constant)."""
     step = step.astype(jnp.float32)
     progress = jnp.clip((step - warmup) / max(1, steps - warmup), 0.0, 1.0)
-    cosine = 0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    cosine = floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
     return jnp.where(step < warmup, (step + 1) / warmup, cosine)
 
 
@@ -42,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="1e-2,2e-2,4e-2")
     p.add_argument("--b2s", default="0.999")
+    p.add_argument(
+        "--floors", default="0.1", help="final lr as a fraction of the peak (1.0: no decay)"
+    )
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--warmup", type=int, default=20)
@@ -57,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     rates = [float(x) for x in a.rates.split(",")]
     b2s = [float(x) for x in a.b2s.split(",")]
+    floors = [float(x) for x in a.floors.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
-    grid = list(itertools.product(rates, b2s, seeds))
+    grid = list(itertools.product(rates, b2s, floors, seeds))
     cfg = ModelConfig(VOCAB_SIZE, a.d_model, a.layers, a.heads, a.mlp_dim)
     corpus = load_corpus(None)
     built = {
@@ -68,12 +73,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     graphdef = built[seeds[0]][0]
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(built[seeds[0]][1]))
     print(f"{n_params:,} parameters; {len(grid)} runs", flush=True)
-    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[built[s][1] for _, _, s in grid])
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[built[s][1] for *_, s in grid])
 
     def loss_fn(p: Any, tokens: jax.Array) -> jax.Array:
         return jnp.mean(token_losses(nnx.merge(graphdef, p), tokens))
 
-    def one(p, state, tokens, lr, b2, probe):
+    def one(p, state, tokens, lr, b2, floor, probe):
         mu, nu, count = state
         probe_loss = loss_fn(p, probe)  # the weights before this step's update
         loss, g = jax.value_and_grad(loss_fn)(p, tokens)
@@ -82,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, nu, g)
         t = (count + 1).astype(jnp.float32)
         c1, c2 = 1 - 0.9**t, 1 - b2**t
-        step = lr * lr_shape(count, a.steps, a.warmup)
+        step = lr * lr_shape(count, a.steps, a.warmup, floor)
         p = jax.tree.map(
             lambda w, m, v: w - step * ((m / c1) / (jnp.sqrt(v / c2) + 1e-8) + a.weight_decay * w),
             p,
@@ -91,11 +96,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
         return p, (mu, nu, count + 1), loss, gnorm, probe_loss
 
-    step_fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None)), donate_argnums=(0, 1))
+    step_fn = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None)), donate_argnums=(0, 1))
     zeros = jax.tree.map(jnp.zeros_like, params)
     state = (zeros, jax.tree.map(jnp.zeros_like, params), jnp.zeros(len(grid), jnp.int32))
-    lrs = jnp.asarray([r for r, _, _ in grid], jnp.float32)
-    b2v = jnp.asarray([b for _, b, _ in grid], jnp.float32)
+    lrs = jnp.asarray([r for r, _, _, _ in grid], jnp.float32)
+    b2v = jnp.asarray([b for _, b, _, _ in grid], jnp.float32)
+    floorv = jnp.asarray([f for _, _, f, _ in grid], jnp.float32)
     length = a.seq_len + 1
     rngs = {s: np.random.default_rng(10_000 + s) for s in seeds}
     probe = jnp.asarray(probe_tokens(corpus.heldout, a.seq_len, a.probe_windows))
@@ -111,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
             for s in seeds
         }
-        tokens = jnp.asarray(np.stack([by_seed[s] for _, _, s in grid]))
-        params, state, loss, gn, pl = step_fn(params, state, tokens, lrs, b2v, probe)
+        tokens = jnp.asarray(np.stack([by_seed[s] for *_, s in grid]))
+        params, state, loss, gn, pl = step_fn(params, state, tokens, lrs, b2v, floorv, probe)
         losses.append(loss)
         norms.append(gn)
         probes.append(pl)
@@ -133,11 +139,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     with open(os.path.join(a.out, "search.json"), "w") as f:
         json.dump(rec, f)
-    for i, (lr, b2, s) in enumerate(grid):
+    for i, (lr, b2, floor, s) in enumerate(grid):
         x = loss[i]
         spikes = find_spikes(probe_loss[i])
         print(
-            f"lr {lr:g} b2 {b2:g} seed {s}: {len(spikes['onsets'])} spikes at "
+            f"lr {lr:g} b2 {b2:g} floor {floor:g} seed {s}: {len(spikes['onsets'])} spikes at "
             f"{spikes['onsets']} (lost {sum(spikes['lost'])} steps); final train loss "
             f"{np.mean(x[-20:]):.3f}; global norm > 1 on "
             f"{100 * np.mean(gn[i, a.warmup :] > 1):.0f}% of post-warm-up steps, "
