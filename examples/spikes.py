@@ -138,7 +138,8 @@ def default_methods(protocol: Protocol) -> tuple[str, ...]:
 
 
 def lr_shape(step: jax.Array, p: Protocol) -> jax.Array:
-    """Linear warm-up to 1, cosine decay to ``final_lr_ratio``: the multiplier of the peak rate."""
+    """Linear warm-up to 1, cosine decay to ``final_lr_ratio`` (1.0: constant): the multiplier
+    of the peak rate."""
     step = step.astype(jnp.float32)
     progress = jnp.clip((step - p.warmup_steps) / max(1, p.steps - p.warmup_steps), 0.0, 1.0)
     floor = p.final_lr_ratio
@@ -543,6 +544,10 @@ def findings(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _schedule_after_warmup(floor: float) -> str:
+    return "then constant" if floor == 1.0 else f"cosine decay to {floor:g}x"
+
+
 def summary_md(record: dict[str, Any]) -> str:
     p = record["protocol"]
     mc = p["model"]
@@ -555,7 +560,7 @@ def summary_md(record: dict[str, Any]) -> str:
         f"({mc['num_layers']} layers, d_model {mc['d_model']}, MLP {mc['mlp_dim']}); "
         f"{p['steps']} steps of {p['batch_size']} x {p['seq_len']} bytes; AdamW (lr {p['lr']:g}, "
         f"b1 {p['b1']:g}, b2 {p['b2']:g}, eps {p['eps']:g}, weight decay {p['weight_decay']:g}), "
-        f"{p['warmup_steps']} warm-up steps, cosine decay to {p['final_lr_ratio']:g}x. "
+        f"{p['warmup_steps']} warm-up steps, {_schedule_after_warmup(p['final_lr_ratio'])}. "
         f"Seeds {_seed_list(p['seeds'])}. Held-out loss at initialisation "
         f"{record['analysis']['loss_at_init']:.3f}. Took {record['seconds']:.0f} s.",
         f"Spike: a step whose probe loss (the loss on {p['probe_windows']} fixed held-out "

@@ -320,3 +320,49 @@ def test_hyperparameters_page_numbers_are_the_vendored_runs(vendored):
     for number in numbers:
         assert number in text, number
     assert m["skip_step"]["onsets_by_seed"][0][:2] == m["adamw"]["onsets_by_seed"][0]
+
+
+# --- the second regime search (AdamW alone) against docs/spikes.md ----------------
+
+
+def test_second_search_chose_the_protocol_by_its_rule():
+    with gzip.open(os.path.join(DOCS, "data", "spike_search_constant_lr.json.gz"), "rt") as f:
+        search = json.load(f)
+    assert search["num_params"] == 230_976 and search["args"]["steps"] == 400
+    doc = " ".join(open(os.path.join(DOCS, "spikes.md")).read().split())
+    counts: dict[tuple[float, float], list[int]] = {}
+    train_end: dict[tuple[float, float], list[float]] = {}
+    clip_share: dict[tuple[float, float], list[float]] = {}
+    warmup = search["args"]["warmup"]
+    for (lr, b2, floor, _seed), probe, loss, gnorm in zip(
+        search["grid"], search["probe_loss"], search["loss"], search["gnorm"]
+    ):
+        assert b2 == 0.999
+        counts.setdefault((lr, floor), []).append(len(spikes_by_hand(probe)[0]))
+        train_end.setdefault((lr, floor), []).append(float(np.mean(loss[-20:])))
+        share = float(np.mean(np.asarray(gnorm[warmup:]) > 1))
+        clip_share.setdefault((lr, floor), []).append(share)
+    assert sorted(counts) == [(0.15, 0.1), (0.15, 1.0), (0.3, 0.1), (0.3, 1.0)]
+    for (lr, floor), c in counts.items():
+        name = f"{lr:g} {'constant' if floor == 1.0 else 'decayed'}: {', '.join(map(str, c))}"
+        assert name in doc, name
+    # the rule: spikes on >= 4 of 5 seeds, no divergence (final training loss < 5, finite);
+    # most spikes wins, ties to the lower rate
+    eligible = {
+        k: sum(c)
+        for k, c in counts.items()
+        if sum(n > 0 for n in c) >= 4 and all(math.isfinite(x) and x < 5.0 for x in train_end[k])
+    }
+    assert sorted(eligible) == [(0.15, 1.0), (0.3, 1.0)]
+    chosen = max(sorted(eligible), key=lambda k: (eligible[k], -k[0]))
+    assert chosen == (spikes.FULL["lr"], spikes.FULL["final_lr_ratio"]) == (0.15, 1.0)
+    assert "(16 against 12)" in doc and (eligible[(0.15, 1.0)], eligible[(0.3, 1.0)]) == (16, 12)
+    # "ended at a training loss of 2.95-3.07 ... against 2.15-2.58 with decay"
+    lo, hi = min(train_end[(0.15, 1.0)]), max(train_end[(0.15, 1.0)])
+    assert f"{lo:.2f}-{hi:.2f}" == "2.95-3.07" and "2.95-3.07" in doc
+    lo, hi = min(train_end[(0.15, 0.1)]), max(train_end[(0.15, 0.1)])
+    assert f"{lo:.2f}-{hi:.2f}" == "2.15-2.58" and "2.15-2.58 with decay" in doc
+    # the second clipping value's rule: global clip 1.0 acts on 1-50% of post-warm-up steps
+    shares = clip_share[(0.15, 1.0)]
+    assert all(0.01 <= x <= 0.5 for x in shares) and spikes.FULL["global_clip_better"] is None
+    assert {round(100 * x) for x in shares} == {2, 3} and "acted on 2-3% of" in doc
