@@ -658,16 +658,22 @@ def write_reports(record: dict[str, Any], out: str) -> str:
     )
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary)
-    complete = {(m, r) for r in record["protocol"]["ranks"] for m in METHODS if m != "full_ft"}
+    # the page's tables need every method at the first rank (a second rank may be partial)
+    complete = {(m, record["protocol"]["ranks"][0]) for m in METHODS if m != "full_ft"}
     if complete | {("full_ft", None)} <= {(r["method"], r["rank"]) for r in record["runs"]}:
         with open(os.path.join(out, "page_tables.md"), "w") as f:
             f.write(page_table(record) + "\n\n" + table1_form(record) + "\n")
     return summary
 
 
+def _without_ranks(protocol: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in protocol.items() if k != "ranks"}
+
+
 def load_record(path: str) -> dict[str, Any]:
     """A record (``results.json`` or ``.json.gz``), or several separated by commas (runs of
-    the same protocol and seeds made by separate ``--methods`` processes), merged."""
+    the same protocol and seeds made by separate ``--methods`` or ``--ranks`` processes),
+    merged; the merged protocol's ranks are the first record's, then any others in order."""
     records = []
     for part in path.split(","):
         opener = gzip.open if part.endswith(".gz") else open
@@ -676,8 +682,13 @@ def load_record(path: str) -> dict[str, Any]:
     merged = records[0]
     for other in records[1:]:
         for key in ("protocol", "seeds", "test_answers"):
-            if other[key] != merged[key]:
+            mine, theirs = merged[key], other[key]
+            if key == "protocol":  # a second rank is run by its own process
+                mine, theirs = _without_ranks(mine), _without_ranks(theirs)
+            if mine != theirs:
                 raise SystemExit(f"--report-from: the records differ in {key!r}; cannot merge")
+        ranks = merged["protocol"]["ranks"]
+        ranks += [r for r in other["protocol"]["ranks"] if r not in ranks]
         merged["runs"] += other["runs"]
         merged["meta"]["seconds"] = max(merged["meta"]["seconds"], other["meta"]["seconds"])
         merged["meta"]["command"] += " ; " + other["meta"]["command"]

@@ -430,3 +430,39 @@ def test_what_the_runs_show_matches_the_record() -> None:
     assert min(final, key=final.get) == "lora_global_clip"
     assert f"({final['lora_sft_preset']:.3f}, mean of the last 10 steps)" in text
     assert f"global clipping lowest ({final['lora_global_clip']:.3f})" in text
+
+
+def test_records_of_a_second_rank_merge_and_others_do_not(tmp_path: pathlib.Path) -> None:
+    import paper_sft
+
+    def record(ranks, method, rank, steps=1200, correct=((1, 0), (0, 0))):
+        return {
+            "protocol": {"steps": steps, "ranks": ranks},
+            "seeds": [0, 1],
+            "test_answers": [3, 4],
+            "meta": {"seconds": 10.0, "command": f"{method}@{rank}"},
+            "runs": [{"method": method, "rank": rank, "correct": [list(c) for c in correct]}],
+        }
+
+    paths = []
+    for i, rec in enumerate(
+        (
+            record([8], "lora", 8, correct=((1, 1), (1, 1))),
+            record([32], "lora_sft_preset", 32),
+            record([32], "lora", 32),
+        )
+    ):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(rec))
+    merged = paper_sft.load_record(",".join(map(str, paths)))
+    assert merged["protocol"]["ranks"] == [8, 32]
+    assert [(r["method"], r["rank"]) for r in merged["runs"]] == [
+        ("lora", 8), ("lora", 32), ("lora_sft_preset", 32)
+    ]  # fmt: skip
+    rows = paper_sft.analyse(merged)
+    # paired with LoRA alone at its own rank (against rank 8 it would be -0.75)
+    assert rows["lora_sft_preset@r32"]["vs_lora"]["mean_diff"] == 0.0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(record([32], "lora", 32, steps=500)))
+    with pytest.raises(SystemExit, match="'protocol'"):
+        paper_sft.load_record(f"{paths[0]},{other}")
