@@ -120,3 +120,49 @@ def test_paper_sentence_is_the_vendored_sft_and_grpo_runs() -> None:
     }
     assert f"(`aggc()` {100 * final['aggc']:.1f}%, verl's global clip " in README
     assert f"verl's global clip {100 * final['global_clip']:.1f}%, 3 seeds" in README
+
+
+def test_hyperparameters_fine_tuning_advice_is_the_vendored_runs() -> None:
+    text = " ".join((ROOT / "docs" / "hyperparameters.md").read_text().split())
+    section = text.split("### Fine-tuning: LoRA SFT and GRPO")[1].split("## Every option")[0]
+    sft = _record("paper_sft_results")
+    correct = _sft(sft)
+    acc = {m: 100 * c.mean(axis=1).mean() for m, c in correct.items()}
+    assert f"Every clipper lifted LoRA alone ({acc['lora']:.1f}%)" in section
+    assert f"global clipping most ({acc['lora_global_clip']:.1f}%)" in section
+    aggc_variants = ("lora_sft_preset", "as_ran_k2", "as_ran_k4", "lora_aggc")
+    low, high = min(acc[m] for m in aggc_variants), max(acc[m] for m in aggc_variants)
+    assert f"reached {low:.1f}% to {high:.1f}%" in section
+    assert all(acc[m] > acc["lora"] for m in aggc_variants)
+    gap = acc["lora_global_clip"] - acc["lora_aggc"]
+    sys.path.insert(0, str(ROOT / "examples"))
+    import paper_sft
+
+    lo, hi = paper_sft.paired_bootstrap(correct["lora_aggc"] - correct["lora_global_clip"])
+    assert hi < 0 and f"ended {gap:.1f} points below global clipping" in section
+    assert f"(paired bootstrap interval {100 * lo:.1f} to {100 * hi:.1f})" in section
+    # rank 32: both configurations far below the constant answer ("failed")
+    r32 = {
+        r["method"]: 100 * np.asarray(r["correct"], float).mean()
+        for r in sft["runs"]
+        if r["rank"] == 32
+    }
+    assert set(r32) == {"lora", "lora_sft_preset"} and max(r32.values()) < 1.0
+    assert f"({r32['lora']:.1f}% and {r32['lora_sft_preset']:.1f}%)" in section
+    grpo = _record("paper_grpo_results")
+    seeds, last = grpo["setup"]["seeds"], str(grpo["setup"]["steps"])
+    runs = {(r["method"], r["seed"]): r for r in grpo["runs"]}
+
+    def accuracy(bits: str) -> float:
+        return 100 * bits.count("1") / len(bits)
+
+    final = {
+        m: np.array([accuracy(runs[(m, s)]["eval"][last]) for s in seeds]) for m in grpo["methods"]
+    }
+    preset = final["grpo_preset"] - final["global_clip"]
+    assert f"ended {preset.mean():.1f} points above verl's global clip" in section
+    assert f"(higher on {int(np.sum(preset > 0))} of 3 seeds;" in section and np.all(preset > 0)
+    aggc = final["aggc"] - final["global_clip"]
+    assert f"`aggc()` {aggc.mean():.1f} points above it" in section
+    start = accuracy(runs[("global_clip", seeds[0])]["eval"]["0"])
+    assert all(accuracy(r["eval"][last]) < start for r in grpo["runs"])  # "every run ended below"
