@@ -560,6 +560,13 @@ def test_page_states_the_wall_time_of_the_processes() -> None:
     assert len(split[int(np.argmax(minutes))]) == 4
     assert f"The process with four configurations took {wall:.1f} minutes of wall time" in text
     assert f"three configurations took {min(minutes):.1f} minutes of training" in text
+    second = [c for c in commands if "--ranks" in c]
+    if second:  # the second rank: its own process, started when the shorter one ended
+        (c,) = second
+        assert "--ranks 32" in c and "--methods lora,lora_sft_preset" in c and f"`{c}`" in text
+        r32 = sum(r["seconds"] for r in record["runs"] if r["rank"] == 32) / 60
+        assert r32 < wall  # so the record's time is still the longer rank-8 process's
+        assert f"Rank 32's two configurations took {r32:.1f} minutes" in text
 
 
 def test_records_of_a_second_rank_merge_and_others_do_not(tmp_path: pathlib.Path) -> None:
@@ -669,3 +676,64 @@ def test_page_paragraph_on_the_first_500_step_run() -> None:
             assert page, method
             assert abs(float(page[1]) - 100 * low) < 1.2 and abs(float(page[2]) - 100 * high) < 1.2
     assert excluding == ["as_ran_k2"] and len(runs) - 1 == 6
+
+
+def test_page_appendix_a_form_matches_the_record() -> None:
+    record = _record()
+    ranks = record["protocol"]["ranks"]
+    if len(ranks) == 1:
+        pytest.skip("the record has one rank")
+    text = _page_text()
+    runs = {(r["method"], r["rank"]): r for r in record["runs"]}
+    section = text.split("## In the form of the paper's Appendix A")[1].split("\n## ")[0]
+    rows = {
+        c[0]: c
+        for c in ([x.strip() for x in line.strip().strip("|").split("|")] for line in
+                  section.splitlines() if line.startswith("| ") and "---" not in line)
+    }  # fmt: skip
+    for rank in ranks:
+        lora, preset = (_accuracies(runs[(m, rank)]) for m in ("lora", "lora_sft_preset"))
+        cells = rows[str(rank)]
+        assert cells[1] == f"{100 * lora.mean():.1f} +- {100 * lora.std(ddof=1):.1f}"
+        assert cells[2] == f"{100 * preset.mean():.1f} +- {100 * preset.std(ddof=1):.1f}"
+        d = preset - lora
+        assert cells[3] == f"{100 * d.mean():+.1f}"
+        assert cells[5] == f"{int(np.sum(d > 0))} / {int(np.sum(d == 0))} / {int(np.sum(d < 0))}"
+        # the interval is the results table's, which is checked against this test's bootstrap
+        assert cells[4] == _page_rows()[f"lora_sft_preset@r{rank}"][4]
+    # the paper prints Appendix A numbers at rank 128 only (Figure 6 plots the others)
+    flat = _flat(text)
+    assert "72.93% on GSM8K at rank 128" in flat and "69.91%" in flat and "69.50%" in flat
+
+
+def test_rank_32_sentences_match_the_record() -> None:
+    record = _record()
+    if 32 not in record["protocol"]["ranks"]:
+        pytest.skip("the record has no rank 32")
+    text = _flat(_page_text())
+    steps = record["protocol"]["steps"]
+    runs = {r["method"]: r for r in record["runs"] if r["rank"] == 32}
+    assert set(runs) == {"lora", "lora_sft_preset"}
+    finals = []
+    for run in runs.values():
+        for loss in np.asarray(run["loss"], float):
+            # "fell below 1.0 within the first 100 steps, then rose and ended at 1.7-2.2"
+            smooth = np.convolve(loss, np.ones(20) / 20, mode="valid")
+            assert smooth[:100].min() < 1.0 and smooth.argmin() < 100
+            finals.append(loss[-10:].mean())
+    assert f"ended at {min(finals):.1f}-{max(finals):.1f} (mean of the last 10 steps)" in text
+    assert min(finals) > 1.5  # every seed of both: no seed escaped the divergence
+    acc = {m: 100 * _accuracies(r) for m, r in runs.items()}
+    assert (
+        f"Test accuracy was {acc['lora'].mean():.1f}% and {acc['lora_sft_preset'].mean():.1f}% "
+        f"(0 to {max(a.max() for a in acc.values()):.1f}% per seed)" in text
+    )
+    assert min(a.min() for a in acc.values()) == 0
+    d = acc["lora_sft_preset"] - acc["lora"]
+    low, high = _page_interval("lora_sft_preset@r32")
+    assert low < 0 < high
+    assert f"{d.mean():+.1f} points for the preset (interval {low:+.1f} to {high:+.1f})" in text
+    means = [np.mean(v) / steps for v in runs["lora_sft_preset"]["clip_down_count"].values()]
+    assert (
+        f"clipped a group down on {100 * min(means):.0f}-{100 * max(means):.0f}% of steps" in text
+    )
