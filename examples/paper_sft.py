@@ -39,6 +39,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -611,7 +612,7 @@ def plot_accuracy(record: dict[str, Any], path: str) -> Any:
     ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(
         f"Test accuracy per seed (grey) and mean +- std (red), {len(record['seeds'])} seeds\n"
-        + headline(analysis),
+        + textwrap.fill(headline(analysis), 130),
         fontsize=9,
     )
     fig.savefig(path, dpi=110)
