@@ -1,6 +1,6 @@
 """The README's paragraph on the spike study and the paper in miniature, and the fine-tuning
-advice in docs/hyperparameters.md, checked
-against the vendored records (docs/data/*.json.gz) it speaks for."""
+advice in docs/hyperparameters.md, checked against the vendored records (docs/data/*.json.gz)
+they speak for."""
 
 from __future__ import annotations
 
