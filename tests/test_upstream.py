@@ -143,4 +143,20 @@ def test_the_three_way_table_in_docs_parity_md_is_what_the_command_prints():
         for line in result.upstream.table().splitlines()
         if line.strip().startswith(("bundled vs jax", "upstream vs"))
     ]
-    assert documented == printed
+
+    # Pairs, branch agreement and the exact zeros must match; the diffs' last digits
+    # vary with the host CPU (docs/parity.md), so they are matched within a factor of 2.
+    def parse(lines):
+        rows = {}
+        for line in lines:
+            *pair, abs_diff, rel_diff, agree = line.split()
+            rows[" ".join(pair)] = (float(abs_diff), float(rel_diff), agree)
+        return rows
+
+    want, got = parse(documented), parse(printed)
+    assert list(want) == list(got) == ["bundled vs jax", "upstream vs bundled", "upstream vs jax"]
+    assert got["upstream vs bundled"] == want["upstream vs bundled"] == (0.0, 0.0, "768/768")
+    for pair, (abs_diff, rel_diff, agree) in want.items():
+        assert got[pair][2] == agree, pair
+        for documented_value, printed_value in zip((abs_diff, rel_diff), got[pair][:2]):
+            assert documented_value / 2 <= printed_value <= documented_value * 2, pair
