@@ -26,17 +26,9 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from progress import Progress
-from spikes import find_spikes, probe_tokens
+from spikes import find_spikes, probe_tokens, warmup_cosine
 from text_corpus import VOCAB_SIZE, load_corpus, window_starts, windows
 from train_lm import LlamaForCausalLM, ModelConfig, token_losses
-
-
-def lr_shape(step: jax.Array, steps: int, warmup: int, floor: jax.Array | float) -> jax.Array:
-    """Linear warm-up, then cosine decay to ``floor`` times the peak (1.0: constant)."""
-    step = step.astype(jnp.float32)
-    progress = jnp.clip((step - warmup) / max(1, steps - warmup), 0.0, 1.0)
-    cosine = floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < warmup, (step + 1) / warmup, cosine)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -87,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, nu, g)
         t = (count + 1).astype(jnp.float32)
         c1, c2 = 1 - 0.9**t, 1 - b2**t
-        step = lr * lr_shape(count, a.steps, a.warmup, floor)
+        step = lr * warmup_cosine(count, a.steps, a.warmup, floor)
         p = jax.tree.map(
             lambda w, m, v: w - step * ((m / c1) / (jnp.sqrt(v / c2) + 1e-8) + a.weight_decay * w),
             p,

@@ -137,14 +137,18 @@ def default_methods(protocol: Protocol) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------
 
 
-def lr_shape(step: jax.Array, p: Protocol) -> jax.Array:
-    """Linear warm-up to 1, cosine decay to ``final_lr_ratio`` (1.0: constant): the multiplier
-    of the peak rate."""
+def warmup_cosine(step: jax.Array, steps: int, warmup: int, floor: jax.Array | float) -> jax.Array:
+    """Linear warm-up to 1, cosine decay to ``floor`` (1.0: constant): the multiplier of the
+    peak rate (also ``spike_search.py``'s, whose grid varies ``floor``)."""
     step = step.astype(jnp.float32)
-    progress = jnp.clip((step - p.warmup_steps) / max(1, p.steps - p.warmup_steps), 0.0, 1.0)
-    floor = p.final_lr_ratio
+    progress = jnp.clip((step - warmup) / max(1, steps - warmup), 0.0, 1.0)
     cosine = floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < p.warmup_steps, (step + 1) / p.warmup_steps, cosine)
+    return jnp.where(step < warmup, (step + 1) / warmup, cosine)
+
+
+def lr_shape(step: jax.Array, p: Protocol) -> jax.Array:
+    """The protocol's multiplier of the peak rate (:func:`warmup_cosine`)."""
+    return warmup_cosine(step, p.steps, p.warmup_steps, p.final_lr_ratio)
 
 
 def adam_direction(p: Protocol) -> optax.GradientTransformation:
