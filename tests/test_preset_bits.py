@@ -5,7 +5,7 @@ commit 2bee2aa computed them (``tests/data/record_preset_bits.py``). A refactor 
 the core must not change them: integers, NaN bits and signs exactly, every other
 float to within ``ULP_TOLERANCE`` units in the last place. Not bit for bit, because
 XLA's CPU code depends on the host's vector instructions: on an AMD EPYC host the
-same code and versions give 1-ulp differences from the recording (made on another
+same code and versions give 1-3 ulp differences from the recording (made on another
 CPU). The recording is a regression guard only; the behaviour itself is checked
 against ``tests/spec_model.py``.
 """
