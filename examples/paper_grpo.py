@@ -115,7 +115,7 @@ def scaled_lr() -> float:
 # The rate check (r0, r0/4, r0/16 without clipping, calibration seed 100) chose r0/4 from
 # the 1200-step SFT policy, as it had from the 500-step one (docs/paper-miniature-grpo.md,
 # Protocol; docs/data/paper_grpo_calibration.json.gz, paper_grpo_calibration_sft500.json.gz).
-RATE_DIVISOR = 4
+RATE_DIVISOR = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """The paper-in-miniature SFT study: the task, the base model, the decoder, the record.
 
 Task generator, scoring and answer extraction are checked on hand-computed
-cases; the vendored record (docs/data/paper_sft_results.json.gz, 1200 steps) is
+cases; the vendored record (docs/data/paper_sft_results.json.gz, 1200 steps at lr 5e-3) is
 re-analysed here independently of ``paper_sft.analyse`` and every table row and
 claim of docs/paper-miniature.md is checked against it, as are the page's
-paragraphs on the first 500-step run (docs/data/paper_sft_results_500steps.json.gz)
-and on the calibration (docs/data/paper_sft_calibration.json); a ``--quick`` run
+paragraphs on the earlier runs (docs/data/paper_sft_results_500steps.json.gz,
+docs/data/paper_sft_results_lr1e-2.json.gz) and on the calibrations
+(docs/data/paper_sft_calibration.json); a ``--quick`` run
 checks the pipeline end to end.
 """
 
@@ -32,8 +33,10 @@ import math_task  # noqa: E402
 
 RECORD = os.path.join(ROOT, "docs", "data", "paper_sft_results.json.gz")
 RECORD_500 = os.path.join(ROOT, "docs", "data", "paper_sft_results_500steps.json.gz")
+RECORD_LR1E2 = os.path.join(ROOT, "docs", "data", "paper_sft_results_lr1e-2.json.gz")
 CALIBRATION = os.path.join(ROOT, "docs", "data", "paper_sft_calibration.json")
 PAGE = os.path.join(ROOT, "docs", "paper-miniature.md")
+SEEDS = [0, 1, 2, 3, 4]  # the study seeds
 
 
 # ---------------------------------------------------------------------------
@@ -265,9 +268,14 @@ def test_record_protocol_is_the_scripts() -> None:
     # the first rank is the protocol's; a second one, if merged, is 32 (sft rule)
     assert p["ranks"][0] == paper_sft.PROTOCOL["ranks"][0] == 8
     assert p["ranks"] in ([8], [8, 32])
-    # the first run stays vendored: same protocol but for its 500 steps
+    # the earlier runs stay vendored: the same protocol but for 500 steps (the first)
+    # and both at lr 1e-2 with full fine-tuning at 1e-3 (the third calibration's change)
+    assert (p["lr"], p["full_ft_lr"]) == (5e-3, 5e-4)
+    former = {"lr": 1e-2, "full_ft_lr": 1e-3}
     old = _record(RECORD_500)["protocol"]
-    assert old["steps"] == 500 and {**old, "steps": 1200} == {**p, "ranks": [8]}
+    assert old["steps"] == 500 and {**old, "steps": 1200} == {**p, "ranks": [8], **former}
+    second = _record(RECORD_LR1E2)["protocol"]
+    assert second == {**p, **former}
 
 
 def _bootstrap(diff: np.ndarray, num: int = 4000, seed: int = 7) -> tuple[float, float]:
@@ -737,3 +745,63 @@ def test_rank_32_sentences_match_the_record() -> None:
     assert (
         f"clipped a group down on {100 * min(means):.0f}-{100 * max(means):.0f}% of steps" in text
     )
+
+
+def test_page_paragraph_on_the_second_run_at_lr_1e2() -> None:
+    record = _record(RECORD_LR1E2)
+    text = _flat(_page_text())
+    p = record["protocol"]
+    assert (p["steps"], p["lr"], p["ranks"], record["seeds"]) == (1200, 1e-2, [8, 32], SEEDS)
+    runs = {(r["method"], r["rank"]): r for r in record["runs"]}
+    acc = {k: 100 * _accuracies(r) for k, r in runs.items()}
+    lora = acc[("lora", 8)]
+    per_seed = ", ".join(f"{a:.1f}" for a in lora[:-1]) + f" and {lora[-1]:.1f}% by seed"
+    assert f"LoRA alone reached {lora.mean():.1f} +- {lora.std(ddof=1):.1f}% ({per_seed})" in text
+    answers = np.asarray(record["test_answers"])
+    values, counts = np.unique(answers, return_counts=True)
+    floor = 100 * counts.max() / answers.size
+    assert not 20 <= lora.mean() <= 80 and lora.mean() < floor
+    assert f"below the {floor:.1f}% of always answering {values[np.argmax(counts)]}" in text
+    # "Every clipper scored above it, each 95% paired interval above zero"
+    clippers = ("lora_global_clip", "lora_sft_preset", "as_ran_k2", "as_ran_k4", "lora_aggc")
+    for m in clippers:
+        diff = np.asarray(runs[(m, 8)]["correct"], float) - np.asarray(runs[("lora", 8)]["correct"])
+        assert _bootstrap(diff)[0] > 0, m
+    g = acc[("lora_global_clip", 8)]
+    assert f"global clipping {g.mean():.1f} +- {g.std(ddof=1):.1f}%" in text
+    aggc_means = [acc[(m, 8)].mean() for m in clippers[1:]]
+    assert max(aggc_means) < g.mean()
+    assert f"four AGGC configurations {min(aggc_means):.1f} to {max(aggc_means):.1f}%" in text
+    f = acc[("full_ft", None)]
+    assert f"full fine-tuning reached {f.mean():.1f} +- {f.std(ddof=1):.1f}%" in text
+    r32 = [acc[(m, 32)].mean() for m in ("lora", "lora_sft_preset")]
+    assert max(r32) < 1.0 and f"diverged ({r32[0]:.1f}% and {r32[1]:.1f}%)" in text
+
+
+def test_third_calibration_chose_the_rate_by_its_rule() -> None:
+    import paper_sft
+
+    with open(CALIBRATION) as f:
+        cal = json.load(f)
+    third = cal["third_calibration"]
+    runs = {r["n"]: r for r in cal["runs"]}
+    text = _flat(_page_text())
+    candidates = [c["lr"] for c in third["candidates"]]
+    assert [runs[n]["lr"] for n in third["runs"]] == candidates == [7e-3, 5e-3, 3e-3]
+    qualifying = {}
+    for n in third["runs"]:
+        r = runs[n]
+        # everything but the rate as the 1200-step protocol at lr 1e-2 (run 21)
+        same = ("method", "difficulty", "seq_len", "steps", "batch_size", "rank", "seeds")
+        assert all(r[k] == runs[21][k] for k in same)
+        assert set(r["seeds"]).isdisjoint(SEEDS)
+        acc = 100 * np.asarray(r["test_accuracy"])
+        per_seed = ", ".join(f"{a:.1f}" for a in acc[:-1]) + f" and {acc[-1]:.1f}%"
+        assert f"{per_seed} (mean {acc.mean():.1f}%)" in text
+        if 20 <= acc.mean() <= 80 and acc.min() > 11.3:
+            qualifying[r["lr"]] = (acc.min(), acc.mean())
+    assert sorted(qualifying) == [5e-3, 7e-3]
+    chosen = max(qualifying, key=qualifying.get)  # the highest lowest seed, then the mean
+    assert paper_sft.PROTOCOL["lr"] == chosen == 5e-3
+    assert paper_sft.PROTOCOL["full_ft_lr"] == pytest.approx(chosen / 10)
+    assert "the protocol became lr 5e-3 with full fine-tuning at 5e-4" in text
