@@ -112,9 +112,11 @@ def scaled_lr() -> float:
     return float(paper_sft.PROTOCOL["lr"]) * PAPER_GRPO["lr"] / PAPER_SFT_LR
 
 
-# The rate check (r0, r0/4, r0/16 without clipping, calibration seed 100) chose r0/4 from
-# the 1200-step SFT policy, as it had from the 500-step one (docs/paper-miniature-grpo.md,
-# Protocol; docs/data/paper_grpo_calibration.json.gz, paper_grpo_calibration_sft500.json.gz).
+# The rate check (r0, r0/4, r0/16 without clipping, calibration seed 100) chose r0 from
+# part 1's SFT policy at LoRA rate 5e-3 (docs/data/paper_grpo_calibration.json.gz); from the
+# two former SFT policies (rate 1e-2, 500 and 1200 steps) it had chosen r0/4
+# (paper_grpo_calibration_sft500.json.gz, paper_grpo_calibration_sft1e-2.json.gz;
+# docs/paper-miniature-grpo.md, Protocol).
 RATE_DIVISOR = 1
 
 
