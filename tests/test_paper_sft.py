@@ -527,6 +527,7 @@ def test_the_reference_trains_in_the_calibrated_band() -> None:
     per_seed = ", ".join(f"{a:.1f}" for a in lora[:-1]) + f" and {lora[-1]:.1f}%"
     assert f"LoRA alone reached {lora.mean():.1f}% on the study's seeds ({per_seed})" in text
     assert "inside the calibrated band of 20-80%" in text
+    assert f"LoRA alone trains ({lora.mean():.1f}%) and no clipper differs from it" in text
     assert f"above the {floor:.1f}% that answering {values[np.argmax(counts)]} to every" in text
     # the results intro: the floor and the largest binomial standard error of one seed
     se = max(
