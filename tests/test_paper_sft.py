@@ -224,6 +224,12 @@ def _accuracies(run: dict) -> np.ndarray:
     return np.asarray(run["correct"], float).mean(axis=1)
 
 
+def _constant_answer(record: dict) -> tuple[int, float]:
+    """The most common test answer and the accuracy (%) of answering it to every problem."""
+    values, counts = np.unique(np.asarray(record["test_answers"]), return_counts=True)
+    return int(values[np.argmax(counts)]), 100 * counts.max() / counts.sum()
+
+
 def test_record_is_complete_and_paired() -> None:
     record = _record()
     p = record["protocol"]
@@ -477,8 +483,7 @@ def test_what_the_runs_show_matches_the_record() -> None:
     assert spread < 1.4 and "within 1.4 points" in text
     preset = 100 * acc["lora_sft_preset"]
     assert preset.argmin() == 0 and f"The preset's seed 0 scored {preset[0]:.1f}%" in text
-    answers = np.asarray(record["test_answers"])
-    floor = 100 * np.unique(answers, return_counts=True)[1].max() / answers.size
+    _, floor = _constant_answer(record)
     assert round(floor, 1) == round(preset[0], 1)  # "the constant-answer score"
     stds = [100 * acc[m].std(ddof=1) for m in clippers]
     assert max(stds) == 100 * acc["lora_sft_preset"].std(ddof=1)
@@ -520,15 +525,13 @@ def test_the_reference_trains_in_the_calibrated_band() -> None:
     rank = record["protocol"]["ranks"][0]
     runs = {(r["method"], r["rank"]): r for r in record["runs"]}
     lora = 100 * _accuracies(runs[("lora", rank)])
-    answers = np.asarray(record["test_answers"])
-    values, counts = np.unique(answers, return_counts=True)
-    floor = 100 * counts.max() / answers.size
+    answer, floor = _constant_answer(record)
     assert 20 <= lora.mean() <= 80 and lora.min() > floor
     per_seed = ", ".join(f"{a:.1f}" for a in lora[:-1]) + f" and {lora[-1]:.1f}%"
     assert f"LoRA alone reached {lora.mean():.1f}% on the study's seeds ({per_seed})" in text
     assert "inside the calibrated band of 20-80%" in text
     assert f"LoRA alone trains ({lora.mean():.1f}%) and no clipper differs from it" in text
-    assert f"above the {floor:.1f}% that answering {values[np.argmax(counts)]} to every" in text
+    assert f"above the {floor:.1f}% that answering {answer} to every" in text
     # the results intro: the floor and the largest binomial standard error of one seed
     se = max(
         float(np.max(np.sqrt(a * (1 - a) / record["protocol"]["test_problems"])))
@@ -662,11 +665,10 @@ def test_page_paragraph_on_the_first_500_step_run() -> None:
     lora = 100 * acc["lora"]
     assert f"LoRA alone reached {lora.mean():.1f} +- {lora.std(ddof=1):.1f}%" in text
     assert not 20 <= lora.mean() <= 80
-    answers = np.asarray(record["test_answers"])
-    values, counts = np.unique(answers, return_counts=True)
-    floor = counts.max() / answers.size
+    answer, floor = _constant_answer(record)
+    floor /= 100
     assert all(a.mean() < floor for a in acc.values())
-    assert f"below the {100 * floor:.1f}% of always answering {values[np.argmax(counts)]}" in text
+    assert f"below the {100 * floor:.1f}% of always answering {answer}" in text
     # only the callback as ran at k = 2 had an interval excluding zero, of six comparisons
     excluding = []
     for method, run in runs.items():
@@ -753,11 +755,9 @@ def test_page_paragraph_on_the_second_run_at_lr_1e2() -> None:
     lora = acc[("lora", 8)]
     per_seed = ", ".join(f"{a:.1f}" for a in lora[:-1]) + f" and {lora[-1]:.1f}% by seed"
     assert f"LoRA alone reached {lora.mean():.1f} +- {lora.std(ddof=1):.1f}% ({per_seed})" in text
-    answers = np.asarray(record["test_answers"])
-    values, counts = np.unique(answers, return_counts=True)
-    floor = 100 * counts.max() / answers.size
+    answer, floor = _constant_answer(record)
     assert not 20 <= lora.mean() <= 80 and lora.mean() < floor
-    assert f"below the {floor:.1f}% of always answering {values[np.argmax(counts)]}" in text
+    assert f"below the {floor:.1f}% of always answering {answer}" in text
     # "Every clipper scored above it, each 95% paired interval above zero"
     clippers = ("lora_global_clip", "lora_sft_preset", "as_ran_k2", "as_ran_k4", "lora_aggc")
     for m in clippers:

@@ -68,19 +68,14 @@ def _sft(record: dict) -> dict[str, np.ndarray]:
 
 
 def _grpo_final(grpo: dict) -> tuple[float, dict[str, np.ndarray]]:
-    """The GRPO record's start accuracy and each method's per-seed final accuracy, in %."""
-    seeds, last = grpo["setup"]["seeds"], str(grpo["setup"]["steps"])
-    runs = {(r["method"], r["seed"]): r for r in grpo["runs"]}
+    """The GRPO record's start accuracy and each method's per-seed final accuracy, in %
+    (tests/test_paper_grpo.py's reading of the record)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_paper_grpo import _acc, _final
 
-    def accuracy(bits: str) -> float:  # the record keeps one "0"/"1" per test problem
-        return 100 * bits.count("1") / len(bits)
-
-    start = accuracy(runs[("global_clip", seeds[0])]["eval"]["0"])
-    assert all(accuracy(r["eval"]["0"]) == start for r in grpo["runs"])  # one start
-    final = {
-        m: np.array([accuracy(runs[(m, s)]["eval"][last]) for s in seeds]) for m in grpo["methods"]
-    }
-    return start, final
+    start = 100 * _acc(grpo["runs"][0]["eval"]["0"])
+    assert all(100 * _acc(r["eval"]["0"]) == start for r in grpo["runs"])  # one start
+    return start, {m: 100 * a for m, a in _final(grpo).items()}
 
 
 def _interval(correct: dict[str, np.ndarray], method: str, ref: str = "lora") -> tuple:
@@ -165,7 +160,8 @@ def test_hyperparameters_fine_tuning_advice_is_the_vendored_runs() -> None:
     r32_correct = {m: np.asarray(r["correct"], float) for m, r in r32.items()}
     lo, hi = _interval(r32_correct, "lora_sft_preset")
     assert lo < 0 < hi and f"(interval {lo:.1f} to {hi:+.1f})" in section
-    start, final = _grpo_final(_record("paper_grpo_results"))
+    grpo = _record("paper_grpo_results")
+    start, final = _grpo_final(grpo)
     preset = final["grpo_preset"] - final["global_clip"]
     assert f"ended {preset.mean():.1f} points above verl's global clip" in section
     assert f"(higher on {int(np.sum(preset > 0))} of 3 seeds)" in section
@@ -174,7 +170,7 @@ def test_hyperparameters_fine_tuning_advice_is_the_vendored_runs() -> None:
     assert all(np.all(f < start) for f in final.values())  # "every run ended below"
     import paper_grpo  # "both intervals containing zero", recomputed from the runs
 
-    analysis = paper_grpo.analyse(_record("paper_grpo_results"))
+    analysis = paper_grpo.analyse(grpo)
     for m in ("grpo_preset", "aggc"):
         lo, hi = analysis["methods"][m]["bootstrap_vs_global"]
         assert lo < 0 < hi, m
