@@ -801,3 +801,35 @@ def test_third_calibration_chose_the_rate_by_its_rule() -> None:
     assert paper_sft.PROTOCOL["lr"] == chosen == 5e-3
     assert paper_sft.PROTOCOL["full_ft_lr"] == pytest.approx(chosen / 10)
     assert "the protocol became lr 5e-3 with full fine-tuning at 5e-4" in text
+
+
+@pytest.mark.parametrize("path", [RECORD, RECORD_LR1E2, RECORD_500])
+def test_figure_titles_say_what_each_record_shows(path: str, tmp_path: pathlib.Path) -> None:
+    import paper_sft
+
+    record = _record(path)
+    runs = {(r["method"], r["rank"]): r for r in record["runs"]}
+    first = record["protocol"]["ranks"][0]
+    title = " ".join(
+        paper_sft.plot_accuracy(record, str(tmp_path / "a.png")).get_suptitle().split()
+    )
+    assert f"mean +- std (red), {len(record['seeds'])} seeds" in title
+    # the clippers whose interval against LoRA alone (at their rank) excludes zero, by this
+    # test's own bootstrap; the title names them, or says that there are none
+    excluding = []
+    for (method, rank), run in runs.items():
+        if method in ("lora", "full_ft"):
+            continue
+        ref = runs[("lora", rank if rank is not None else first)]
+        low, high = _bootstrap(np.asarray(run["correct"], float) - np.asarray(ref["correct"]))
+        if low > 0 or high < 0:
+            excluding.append(f"{method}@r{rank}")
+    if excluding:
+        assert all(name in title for name in excluding) and "No clipper" not in title
+    else:
+        assert "every interval contains zero" in title
+    loss_title = paper_sft.plot_loss(record, str(tmp_path / "l.png")).get_suptitle()
+    final = {f"{m}@r{r}" if r is not None else m: float(np.mean(np.asarray(run["loss"])[:, -10:]))
+             for (m, r), run in runs.items()}  # fmt: skip
+    lo, hi = min(final, key=final.get), max(final, key=final.get)
+    assert f"lowest {lo} {final[lo]:.3f}, highest {hi} {final[hi]:.3f}" in loss_title
